@@ -1,0 +1,238 @@
+"""Run configuration: frozen dataclasses, one YAML loader, dotted overrides.
+
+`experiments/*.yaml` hold only their differences from the defaults below. Overrides
+such as ``optim.lr=0.02`` use the same dotted paths that runs log as params and that
+the Optuna search uses as parameter names, so a best trial maps straight back here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_limit: Optional[int] = None  # first N training images (after the validation carve-out)
+    test_limit: Optional[int] = None
+    val_size: int = 0  # images carved from the 60,000 training images for selection
+    split_seed: int = 0  # fixes which images form the validation split
+    data_dir: Optional[str] = None  # folder of standard MNIST IDX files, instead of the cached wheel
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["tiny", "barebone"] = "tiny"
+    width1: int = 9  # channels of the first block and of the 1x1 transition
+    width2: int = 16  # channels of the wide convolutions
+    dropout: float = 0.05
+    max_params: Optional[int] = 8000  # hard budget, checked when the model is built
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    rotation_degrees: float = 0.0  # uniform in [-d, +d]
+    thickness_prob: float = 0.0  # chance of a 3x3 dilation or erosion (half each)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 0.01  # base lr; OneCycle's peak is schedule.max_lr
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["none", "onecycle", "step", "cosine"] = "onecycle"
+    max_lr: float = 0.01  # onecycle peak
+    pct_start: float = 0.2  # onecycle warm-up share
+    step_size: int = 5  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    min_lr: float = 0.0  # cosine floor
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    accuracy: float = 99.4  # percent
+    hold: int = 4  # consecutive epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    stage: str = "stage3"
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    study_data: bool = False  # stage 1: log the data study (statistics, figures, RF study)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    target: TargetConfig = TargetConfig()
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# ---------------------------------------------------------------- validation
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}={value!r} is not allowed: {allowed}")
+
+
+def validate(c: RunConfig) -> None:
+    d, m, a, o, s, t = c.data, c.model, c.augment, c.optim, c.schedule, c.target
+    _check(c.device in ("auto", "cpu", "cuda"), "device", c.device, "auto, cpu or cuda")
+    for name in ("train_limit", "test_limit"):
+        v = getattr(d, name)
+        _check(v is None or v > 0, f"data.{name}", v, "a positive integer or null")
+    _check(0 <= d.val_size < 60000, "data.val_size", d.val_size, "0 <= val_size < 60000")
+    _check(m.width1 > 0 and m.width2 > 0, "model.width*", (m.width1, m.width2), "positive")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "0 <= dropout < 1")
+    _check(m.max_params is None or m.max_params > 0, "model.max_params", m.max_params,
+           "a positive integer or null")
+    _check(0.0 <= a.rotation_degrees <= 180.0, "augment.rotation_degrees", a.rotation_degrees,
+           "0 <= degrees <= 180")
+    _check(0.0 <= a.thickness_prob <= 1.0, "augment.thickness_prob", a.thickness_prob,
+           "a probability in [0, 1]")
+    _check(o.lr > 0, "optim.lr", o.lr, "lr > 0")
+    _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "weight_decay >= 0")
+    _check(o.batch_size > 0, "optim.batch_size", o.batch_size, "batch_size > 0")
+    _check(o.epochs > 0, "optim.epochs", o.epochs, "epochs > 0")
+    _check(s.max_lr > 0, "schedule.max_lr", s.max_lr, "max_lr > 0")
+    _check(0.0 < s.pct_start < 1.0, "schedule.pct_start", s.pct_start, "0 < pct_start < 1")
+    _check(s.step_size > 0, "schedule.step_size", s.step_size, "step_size > 0")
+    _check(0.0 < s.gamma <= 1.0, "schedule.gamma", s.gamma, "0 < gamma <= 1")
+    _check(0.0 <= s.min_lr, "schedule.min_lr", s.min_lr, "min_lr >= 0")
+    _check(0.0 < t.accuracy <= 100.0, "target.accuracy", t.accuracy, "0 < accuracy <= 100")
+    _check(t.hold > 0, "target.hold", t.hold, "hold > 0")
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Checks `value` against a field annotation; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        _check(value in choices, path, value, "one of " + ", ".join(map(str, choices)))
+        return value
+    if annotation is bool:
+        _check(isinstance(value, bool), path, value, "true or false")
+        return value
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, path, value, "a number")
+        return float(value)
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), path, value, "an integer")
+        return value
+    if annotation is str:
+        _check(isinstance(value, str), path, value, "a string")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} at {path}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; allowed under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def _defaults_of(cls: type) -> dict[str, Any]:
+    return dataclasses.asdict(cls())
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=0.02"`` -> ``("optim.lr", 0.02)``; values are read as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _nest(path: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path.split(".")):
+        out = {part: out}
+    return out
+
+
+def from_dict(values: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then `values` (nested), then dotted `overrides`."""
+    merged = _merge(_defaults_of(RunConfig), values or {})
+    for path, value in (overrides or {}).items():
+        merged = _merge(merged, _nest(path, value))
+    return _build(RunConfig, merged)
+
+
+def load(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Loads an experiment file and applies overrides (``["optim.lr=0.02", ...]`` or a dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    return from_dict(values, overrides)
+
+
+def replace(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A copy of `config` with dotted overrides applied (validated like a fresh load)."""
+    return from_dict(dataclasses.asdict(config), overrides)
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """``{"optim.lr": 0.01, ...}``: what a run logs as params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix.rstrip(".")] = value
+
+    walk("", dataclasses.asdict(config))
+    return out

@@ -1,0 +1,40 @@
+"""What a finished training run is judged by: the hold of the target, and its errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class HoldSummary:
+    best_accuracy: float
+    hold_epochs: int  # longest run of consecutive epochs >= target
+    target_reached_epoch: Optional[int]  # epoch (from 1) at which the first `hold`-long run completed
+    held_accuracy: Optional[float]  # minimum accuracy over that first qualifying window
+
+
+def hold_summary(accuracies: Sequence[float], target: float = 99.4, hold: int = 4) -> HoldSummary:
+    """Reads a per-epoch accuracy history (percent, epoch 1 first)."""
+    longest = run = 0
+    reached = held = None
+    for epoch, acc in enumerate(accuracies, start=1):
+        run = run + 1 if acc >= target else 0
+        longest = max(longest, run)
+        if reached is None and run >= hold:
+            reached = epoch
+            held = float(min(accuracies[epoch - hold:epoch]))
+    best = float(max(accuracies)) if len(accuracies) else float("nan")
+    return HoldSummary(best, longest, reached, held)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int = 10) -> np.ndarray:
+    """Rows are true labels, columns predictions."""
+    return np.bincount(y_true * classes + y_pred, minlength=classes * classes).reshape(classes, classes)
+
+
+def misclassified(y_true: np.ndarray, y_pred: np.ndarray, limit: int = 25) -> np.ndarray:
+    """Indices of the first `limit` wrong predictions."""
+    return np.flatnonzero(y_true != y_pred)[:limit]

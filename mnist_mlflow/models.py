@@ -1,0 +1,160 @@
+"""Networks, the parameter budget, and a per-layer summary with receptive fields.
+
+Every model takes raw MNIST pixels, float 0-255, shape (N, 1, 28, 28), and returns
+(N, 10) logits: normalization is the first layer, so users never need the statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of pixels / 255, over the 60,000 training images
+
+
+class BudgetError(ValueError):
+    """A model has more parameters than its budget allows."""
+
+
+class Normalize(nn.Module):
+    """Raw 0-255 pixels -> standardized; the statistics travel with the weights as buffers."""
+
+    def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / 255.0 - self.mean) / self.std
+
+
+def conv_bn(cin: int, cout: int, dropout: float, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(), nn.Dropout(dropout))
+
+
+class TinyNet(nn.Module):
+    """The constrained network of stages 2 and 3: 3x3 convs, BatchNorm, dropout, GAP head.
+
+    28 -> 26 -> 24 (RF 5) -> maxpool 12 -> 1x1 -> 10 -> 8 -> 6 (RF 18) -> GAP -> 1x1 -> 10.
+    """
+
+    def __init__(self, width1: int = 9, width2: int = 16, dropout: float = 0.05,
+                 mean: float = MNIST_MEAN, std: float = MNIST_STD):
+        super().__init__()
+        w1, w2 = width1, width2
+        self.features = nn.Sequential(
+            Normalize(mean, std),
+            conv_bn(1, w1, dropout), conv_bn(w1, w2, dropout),
+            nn.MaxPool2d(2), conv_bn(w2, w1, dropout, kernel=1),
+            conv_bn(w1, w2, dropout), conv_bn(w2, w2, dropout), conv_bn(w2, w2, dropout),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(w2, 10, 1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BareboneNet(nn.Module):
+    """Stage 1's unconstrained skeleton: wide convolutions, two poolings, no BatchNorm."""
+
+    def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD):
+        super().__init__()
+        self.features = nn.Sequential(
+            Normalize(mean, std),
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters (BatchNorm's affine weights count; its running stats do not)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(cfg: ModelConfig, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> nn.Module:
+    """Builds the configured network and enforces the budget before anything trains."""
+    if cfg.arch == "tiny":
+        model = TinyNet(cfg.width1, cfg.width2, cfg.dropout, mean, std)
+    elif cfg.arch == "barebone":
+        model = BareboneNet(mean, std)
+    else:
+        raise ValueError(f"model.arch={cfg.arch!r} is not allowed: tiny or barebone")
+    n = count_params(model)
+    if cfg.max_params is not None and n > cfg.max_params:
+        raise BudgetError(f"model has {n:,} parameters, over the budget of {cfg.max_params:,} "
+                          f"(arch={cfg.arch}, width1={cfg.width1}, width2={cfg.width2})")
+    return model
+
+
+def param_count_of(cfg: ModelConfig) -> int:
+    """The parameter count a config would give, without the budget check (for search)."""
+    unbounded = ModelConfig(**{**cfg.__dict__, "max_params": None})
+    return count_params(build_model(unbounded))
+
+
+# ---------------------------------------------------------------- summary
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    receptive_field: int
+
+
+def layer_summary(model: nn.Module, input_shape=(1, 1, 28, 28)) -> list[LayerRow]:
+    """Leaf layers in forward order with output shape, parameters and receptive field.
+
+    RF follows the usual recurrence: rf += (k - 1) * jump; jump *= stride.
+    """
+    rows: list[LayerRow] = []
+    state = {"rf": 1, "jump": 1}
+
+    def hook(module: nn.Module, _inp, out) -> None:
+        k = s = 1
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
+            s = module.stride if isinstance(module.stride, int) else module.stride[0]
+        elif isinstance(module, nn.AdaptiveAvgPool2d):
+            k = _inp[0].shape[-1]  # global pooling sees the whole remaining map
+            s = k
+        state["rf"] += (k - 1) * state["jump"]
+        state["jump"] *= s
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        rows.append(LayerRow(names[module], type(module).__name__, tuple(out.shape[1:]), params,
+                             state["rf"]))
+
+    names = {m: n for n, m in model.named_modules() if not list(m.children())}
+    handles = [m.register_forward_hook(hook) for m in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def format_summary(rows: list[LayerRow]) -> str:
+    lines = [f"{'layer':<22}{'type':<20}{'output shape':<18}{'params':>8}{'RF':>6}"]
+    for r in rows:
+        shape = "x".join(map(str, r.output_shape))
+        lines.append(f"{r.name:<22}{r.kind:<20}{shape:<18}{r.params:>8,}{r.receptive_field:>6}")
+    lines.append(f"total parameters: {sum(r.params for r in rows):,}")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""The one training code path for every stage, the search and the benchmarks.
+
+No tracking in here: `fit` calls ``on_epoch_end(metrics)`` once per epoch and the
+caller decides what that means (MLflow logging, Optuna pruning, nothing).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import augment_batch
+from .config import RunConfig
+from .data import Splits
+from .models import build_model
+
+EVAL_BATCH = 2000  # no gradients: large batches are cheaper per image
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # from 1
+    train_loss: float
+    train_accuracy: float  # percent, on augmented images with dropout active
+    test_loss: float
+    test_accuracy: float  # percent
+    lr: float  # at the start of the epoch
+    epoch_seconds: float  # training and evaluation
+    val_loss: Optional[float] = None
+    val_accuracy: Optional[float] = None
+
+    def as_metrics(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if k != "epoch" and v is not None}
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[EpochMetrics] = field(default_factory=list)
+    device: str = "cpu"
+
+
+EpochCallback = Callable[[EpochMetrics], None]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but CUDA is not available here")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def as_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images stay uint8 on the device (4x less memory); batches are cast when used."""
+    return torch.from_numpy(x).to(device).unsqueeze(1), torch.from_numpy(y).to(device)
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int):
+    """Returns (scheduler or None, whether it steps per batch)."""
+    s, epochs = cfg.schedule, cfg.optim.epochs
+    if s.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=s.max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+            pct_start=s.pct_start), True
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=epochs * steps_per_epoch, eta_min=s.min_lr), True
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma), False
+    return None, False
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch].float()) for i in range(0, len(x), batch)])
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in percent)."""
+    logits = predict_logits(model, x)
+    loss = F.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item() * 100.0
+    return loss, acc
+
+
+def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = None,
+        progress: bool = True, model: nn.Module | None = None) -> TrainResult:
+    """Trains `cfg`'s model on `splits.train`, evaluating on test (and val) after each epoch."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    train_x, train_y = as_tensors(splits.train_x, splits.train_y, device)
+    test_x, test_y = as_tensors(splits.test_x, splits.test_y, device)
+    val = as_tensors(splits.val_x, splits.val_y, device) if splits.val_y is not None else None
+
+    model = (model or build_model(cfg.model)).to(device)
+    n, bs = len(train_y), cfg.optim.batch_size
+    steps = (n + bs - 1) // bs
+    opt = make_optimizer(model, cfg)
+    sched, per_batch = make_scheduler(opt, cfg, steps)
+    result = TrainResult(model=model, device=str(device))
+
+    bar = tqdm(range(1, cfg.optim.epochs + 1), desc=cfg.stage, unit="epoch", disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        order = torch.randperm(n, generator=gen, device=device)
+        for i in range(steps):
+            idx = order[i * bs:(i + 1) * bs]
+            xb = augment_batch(train_x[idx].float(), cfg.augment, gen)
+            yb = train_y[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if per_batch:
+                sched.step()
+            # accumulate on the device; one sync per epoch below
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+        if sched is not None and not per_batch:
+            sched.step()
+        test_loss, test_acc = evaluate(model, test_x, test_y)
+        val_loss, val_acc = evaluate(model, *val) if val is not None else (None, None)
+        metrics = EpochMetrics(
+            epoch=epoch, train_loss=loss_sum.item() / n, train_accuracy=correct.item() * 100.0 / n,
+            test_loss=test_loss, test_accuracy=test_acc, lr=lr,
+            epoch_seconds=time.perf_counter() - t0, val_loss=val_loss, val_accuracy=val_acc)
+        result.history.append(metrics)
+        bar.set_postfix(train=f"{metrics.train_accuracy:.2f}", test=f"{test_acc:.2f}")
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+    return result

@@ -1,0 +1,224 @@
+"""The one logging code path: every stage run, search trial and benchmark goes through here.
+
+`run_training` validates everything that can fail cheaply (config, budget, data, store)
+before a run exists, so bad input creates no run; once a run exists it always ends
+FINISHED, FAILED or KILLED, never RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import infer_signature
+
+from mnist_mlflow import config as C
+from mnist_mlflow import evaluation, explore, figures
+from mnist_mlflow.data import Mnist, Splits, load_mnist, make_splits
+from mnist_mlflow.models import build_model, count_params, format_summary, layer_summary
+from mnist_mlflow.train import EpochMetrics, TrainResult, fit, predict_logits
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
+MODEL_NAME = "model"  # the logged model's name inside a run
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into the same path as Ctrl-C."""
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises `Interrupted` so a run ends KILLED rather than vanishing."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
+    """`mlflow.start_run` whose end status tells what happened: FINISHED, FAILED or KILLED."""
+    run = mlflow.start_run(**start_kwargs)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR.parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import cv2
+    import optuna
+    import torchvision
+
+    return {"version.python": platform.python_version(), "version.torch": torch.__version__,
+            "version.torchvision": torchvision.__version__, "version.mlflow": mlflow.__version__,
+            "version.optuna": optuna.__version__, "version.numpy": np.__version__,
+            "version.opencv": cv2.__version__}
+
+
+def log_datasets(mnist: Mnist, splits: Splits) -> None:
+    parts = [("train", splits.train_x, splits.train_y, "training"),
+             ("val", splits.val_x, splits.val_y, "validation"),
+             ("test", splits.test_x, splits.test_y, "testing")]
+    for name, x, y, context in parts:
+        if y is None:
+            continue
+        ds = mlflow.data.from_numpy(x, targets=y, source=mnist.source, name=f"mnist-{name}",
+                                    digest=f"{mnist.digest}-{name}-{len(y)}")
+        mlflow.log_input(ds, context=context)
+
+
+def log_epoch(metrics: EpochMetrics) -> None:
+    """Per-epoch metrics, step = epoch number from 1."""
+    mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+
+
+def summarize(cfg: C.RunConfig, history: list[EpochMetrics]) -> evaluation.HoldSummary:
+    return evaluation.hold_summary([h.test_accuracy for h in history], cfg.target.accuracy,
+                                   cfg.target.hold)
+
+
+def summary_text(cfg: C.RunConfig, hold: evaluation.HoldSummary, num_params: int,
+                 history: list[EpochMetrics]) -> str:
+    last = history[-1]
+    reached = (f"held >= {cfg.target.accuracy}% for {cfg.target.hold} epochs at epoch "
+               f"{hold.target_reached_epoch} (min {hold.held_accuracy:.2f}%)"
+               if hold.target_reached_epoch else
+               f"did not hold >= {cfg.target.accuracy}% for {cfg.target.hold} epochs")
+    total = sum(h.epoch_seconds for h in history)
+    return (f"{cfg.stage}: {num_params:,} parameters, {len(history)} epochs, {total:.0f} s\n"
+            f"best test accuracy {hold.best_accuracy:.2f}%, final {last.test_accuracy:.2f}%, "
+            f"longest hold {hold.hold_epochs} epochs\n{reached}\n")
+
+
+def log_model(model: torch.nn.Module, example: np.ndarray) -> None:
+    """Pickle format with our code attached: it loads back as the real class, on any machine.
+
+    Contract: float32 raw pixels 0-255, (N, 1, 28, 28) -> (N, 10) logits.
+    """
+    model = model.cpu().eval()
+    with torch.inference_mode():
+        out = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=infer_signature(example, out),
+                             input_example=example, serialization_format="pickle",
+                             code_paths=[str(PACKAGE_DIR)])
+
+
+def log_results(cfg: C.RunConfig, splits: Splits, result: TrainResult) -> evaluation.HoldSummary:
+    """Summary metrics, figures and the model, after training."""
+    num_params = count_params(result.model)
+    hold = summarize(cfg, result.history)
+    summary = {"best_test_accuracy": hold.best_accuracy, "hold_epochs": hold.hold_epochs}
+    if hold.target_reached_epoch is not None:
+        summary["target_reached_epoch"] = hold.target_reached_epoch
+        summary["held_test_accuracy"] = hold.held_accuracy
+    mlflow.log_metrics(summary)
+    mlflow.log_text(summary_text(cfg, hold, num_params, result.history), "summary.txt")
+
+    logits = predict_logits(result.model, torch.from_numpy(splits.test_x).unsqueeze(1)
+                            .to(result.device)).cpu()
+    pred = logits.argmax(1).numpy()
+    wrong = evaluation.misclassified(splits.test_y, pred)
+    mlflow.log_figure(figures.curves_figure(result.history), "figures/curves.png")
+    mlflow.log_figure(figures.confusion_figure(evaluation.confusion_matrix(splits.test_y, pred)),
+                      "figures/confusion_matrix.png")
+    if len(wrong):
+        mlflow.log_figure(figures.misclassified_figure(splits.test_x[wrong], splits.test_y[wrong],
+                                                       pred[wrong]), "figures/misclassified.png")
+    figures.plt.close("all")
+    log_model(result.model, splits.test_x[:2, None].astype(np.float32))
+    return hold
+
+
+def log_data_study(splits: Splits, mean: float, std: float) -> None:
+    """Stage 1: pixel statistics and the figures that motivate augmentation and the RF."""
+    x, y = splits.train_x, splits.train_y
+    mlflow.log_metrics({"pixel_mean": mean, "pixel_std": std})
+    mlflow.log_figure(figures.sample_grid(x, y), "figures/samples.png")
+    idx = explore.thickness_examples(x, y, digit=1)
+    mlflow.log_figure(figures.thickness_figure(x[idx], explore.ink(x[idx])), "figures/thickness.png")
+    mlflow.log_figure(figures.morphology_figure(x[idx]), "figures/morphology.png")
+    study = explore.receptive_field_study(x)
+    mlflow.log_figure(figures.rf_study_figure(study), "figures/receptive_field_study.png")
+    mlflow.log_metric("chosen_receptive_field", study.chosen_rf)
+    figures.plt.close("all")
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    result: TrainResult
+    hold: evaluation.HoldSummary
+
+
+def prepare(cfg: C.RunConfig, mnist: Mnist | None = None) -> tuple[Mnist, Splits]:
+    """Data and splits; raises before any run exists if something is wrong."""
+    mnist = mnist or load_mnist(cfg.data.data_dir)
+    d = cfg.data
+    return mnist, make_splits(mnist, d.val_size, d.split_seed, d.train_limit, d.test_limit)
+
+
+def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str | None = None,
+                 nested: bool = False, tags: dict[str, str] | None = None,
+                 on_epoch_end: Optional[Callable[[EpochMetrics], None]] = None,
+                 log_model_artifact: bool = True, progress: bool = True) -> RunOutcome:
+    """Trains `cfg` inside one MLflow run in the active experiment and logs everything."""
+    mnist, splits = prepare(cfg, mnist)
+    mean, std = explore.pixel_stats(splits.train_x)
+    model = build_model(cfg.model, mean, std)  # BudgetError here: no run is created
+    params = {**C.flatten(cfg), "num_params": count_params(model), "data.digest": mnist.digest,
+              "data.source": mnist.source, "data.mean": round(mean, 6), "data.std": round(std, 6),
+              **{f"data.{k}_size": v for k, v in splits.sizes().items()},
+              **versions(), "git_commit": git_commit()}
+
+    def on_epoch(m: EpochMetrics) -> None:
+        log_epoch(m)
+        if on_epoch_end is not None:
+            on_epoch_end(m)
+
+    with tracked_run(run_name=run_name or cfg.stage, nested=nested, log_system_metrics=True,
+                     tags={"stage": cfg.stage, **(tags or {})}) as run:
+        mlflow.log_params(params)
+        log_datasets(mnist, splits)
+        mlflow.log_text(format_summary(layer_summary(model)), "model_summary.txt")
+        if cfg.study_data:
+            log_data_study(splits, mean, std)
+        result = fit(cfg, splits, on_epoch_end=on_epoch, progress=progress, model=model)
+        if log_model_artifact:
+            hold = log_results(cfg, splits, result)
+        else:
+            hold = summarize(cfg, result.history)
+        return RunOutcome(run.info.run_id, result, hold)

@@ -1,0 +1,86 @@
+"""Runs one stage as a tracked MLflow run: ``python -m tracking.stage experiments/stage3.yaml``.
+
+This is what the MLproject entry points stage1, stage2 and stage3 call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from mnist_mlflow import config as C
+from mnist_mlflow.data import DataError
+from mnist_mlflow.models import BudgetError, build_model
+from tracking import runs
+
+DEFAULT_EXPERIMENT = "mnist-mlflow"
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Shortcuts for the most used overrides; empty strings (MLproject defaults) mean 'unset'."""
+    p.add_argument("--epochs", default="", help="optim.epochs")
+    p.add_argument("--seed", default="", help="seed")
+    p.add_argument("--train-limit", default="", help="data.train_limit: train on the first N images")
+    p.add_argument("--test-limit", default="", help="data.test_limit")
+    p.add_argument("--data-dir", default="", help="folder of MNIST IDX files instead of the cached wheel")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config override, e.g. --set schedule.name=step (repeatable; a single "
+                        "argument may hold several, space-separated)")
+    p.add_argument("--experiment", default="", help=f"MLflow experiment (default {DEFAULT_EXPERIMENT}, "
+                                                    "or the one `mlflow run` set)")
+
+
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    out = []
+    for key, name in (("optim.epochs", "epochs"), ("seed", "seed"), ("data.train_limit", "train_limit"),
+                      ("data.test_limit", "test_limit")):
+        if getattr(args, name) not in ("", None):
+            out.append(f"{key}={getattr(args, name)}")
+    if args.data_dir:
+        out.append(f"data.data_dir={args.data_dir}")
+    for item in args.overrides:
+        out.extend(item.split())
+    return out
+
+
+def use_experiment(name: str) -> None:
+    """Inside `mlflow run` the experiment is already chosen; otherwise ours, or the one named.
+
+    This is also the first contact with the tracking store: an unreachable one fails here.
+    """
+    if name:
+        mlflow.set_experiment(name)
+    elif not ({"MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"} & set(os.environ)):
+        mlflow.set_experiment(DEFAULT_EXPERIMENT)
+    else:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tracking.stage", description=__doc__)
+    p.add_argument("config", help="experiment file, e.g. experiments/stage3.yaml")
+    add_common_arguments(p)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        cfg = C.load(args.config, overrides_from(args))
+        mnist, _ = runs.prepare(cfg)
+        build_model(cfg.model)
+        use_experiment(args.experiment)
+    except (C.ConfigError, BudgetError, DataError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with runs.sigterm_as_interrupt():
+        outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress)
+    print(runs.summary_text(cfg, outcome.hold, runs.count_params(outcome.result.model),
+                            outcome.result.history), end="")
+    print(f"run_id: {outcome.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
