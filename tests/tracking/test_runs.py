@@ -1,0 +1,120 @@
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mnist_mlflow import config as C
+from mnist_mlflow.models import count_params
+from tests.conftest import ROOT
+from tracking import runs, stage
+
+EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "epoch_seconds"}
+
+
+@pytest.fixture
+def logged_run(mnist, tiny_config, tracking_uri):
+    mlflow.set_experiment("test")
+    return runs.run_training(tiny_config, mnist=mnist, progress=False)
+
+
+def test_stage_run_logs_params_metrics_figures_and_model(logged_run, tiny_config, mnist):
+    client = MlflowClient()
+    run = client.get_run(logged_run.run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["stage"] == "stage3" and p["seed"] == "1" and p["augment.rotation_degrees"] == "6.9"
+    assert int(p["num_params"]) == count_params(logged_run.result.model) <= 8000
+    assert p["data.digest"] == mnist.digest and p["data.train_size"] == "2000"
+    assert {"version.torch", "version.mlflow", "git_commit", "data.mean", "data.std"} <= set(p)
+    assert EPOCH_METRICS | {"best_test_accuracy", "hold_epochs"} <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert any(k.startswith("system/cpu") for k in run.data.metrics)  # MLflow's system metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/curves.png", "figures/confusion_matrix.png", "figures/misclassified.png"} <= artifacts
+    assert "summary.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "total parameters" in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.txt")
+    contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts == {"training", "testing"}
+
+
+def test_logged_model_loads_and_predicts_on_raw_pixels(logged_run, mnist):
+    uri = f"runs:/{logged_run.run_id}/model"
+    x = mnist.test_x[:500, None].astype(np.float32)  # raw 0-255, the model contract
+    expected = logged_run.result.model.cpu().eval()(torch.from_numpy(x)).argmax(1).numpy()
+    module = mlflow.pytorch.load_model(uri)
+    assert type(module).__name__ == "TinyNet"  # pickle format: the real class, trainable
+    assert np.array_equal(module(torch.from_numpy(x)).argmax(1).numpy(), expected)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    scores = np.asarray(pyfunc.predict(x))
+    assert scores.shape == (500, 10)
+    assert np.array_equal(scores.argmax(1), expected)
+    assert (scores.argmax(1) == mnist.test_y[:500]).mean() > 0.8
+    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 1, 28, 28)
+
+
+def _statuses():
+    return [r.info.status for r in MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()])]
+
+
+def test_crash_ends_failed_and_ctrl_c_ends_killed(mnist, tiny_config, tracking_uri):
+    mlflow.set_experiment("test")
+
+    def crash(_m):
+        raise RuntimeError("boom")
+
+    def ctrl_c(_m):
+        raise KeyboardInterrupt
+
+    with pytest.raises(RuntimeError):
+        runs.run_training(tiny_config, mnist=mnist, on_epoch_end=crash, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_training(tiny_config, mnist=mnist, on_epoch_end=ctrl_c, progress=False)
+    assert sorted(_statuses()) == ["FAILED", "KILLED"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "schedule.name=cyclic"], "schedule.name='cyclic' is not allowed"),
+    (["--epochs", "-1"], "optim.epochs=-1 is not allowed"),
+    (["--set", "model.dropout=1.0"], "model.dropout=1.0 is not allowed"),
+    (["--set", "augment.rotation_degrees=-3"], "augment.rotation_degrees=-3.0 is not allowed"),
+    (["--set", "model.width1=12 model.width2=16"], "over the budget of 8,000"),
+])
+def test_bad_input_is_a_clear_error_and_creates_no_run(args, message, tracking_uri, capsys):
+    assert stage.main([str(ROOT / "experiments/stage3.yaml"), "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert _statuses() == []
+
+
+def test_sigterm_ends_the_run_killed(tmp_path, tracking_uri):
+    script = (
+        "import os, signal, mlflow\n"
+        "from tracking import runs\n"
+        "with runs.sigterm_as_interrupt():\n"
+        "    with runs.tracked_run(run_name='t'):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "Interrupted" in proc.stderr
+    assert _statuses() == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_stage1_end_to_end(tracking_uri, tmp_path):
+    cmd = ["mlflow", "run", str(ROOT), "-e", "stage1", "--env-manager", "local",
+           "--experiment-name", "e2e", "-P", "epochs=1", "-P", "train_limit=1000", "-P", "test_limit=300"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["stage"] == "stage1"
+    assert abs(run.data.metrics["pixel_mean"] - 0.1307) < 0.01  # of the 1,000 training images
+    assert run.data.metrics["chosen_receptive_field"] == 5
+    figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/samples.png", "figures/thickness.png", "figures/morphology.png",
+            "figures/receptive_field_study.png", "figures/curves.png"} <= figs
