@@ -1,0 +1,102 @@
+"""Classifies image files of single digits with a registered model.
+
+    python -m mnist_mlflow.predict IMAGE... [--model models:/mnist-8k@champion] [--json]
+
+Each file is preprocessed the way MNIST was made (see `preprocess`), then all readable
+files go through the model in one batch. A file that cannot be used gets an error line
+of its own; the others are still classified. Exit code 1 if any file failed, 2 if the
+model could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .preprocess import ImageError, batch, load_digit
+
+DEFAULT_MODEL = "models:/mnist-8k@champion"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    digit: Optional[int] = None
+    probability: Optional[float] = None
+    error: Optional[str] = None
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.file}: error: {self.error}"
+        return f"{self.file}: {self.digit} (p={self.probability:.3f})"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)  # no overflow for large logits
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def load_model(uri: str):
+    """A pyfunc model: predict((N, 1, 28, 28) float32 raw pixels) -> (N, 10) logits."""
+    import mlflow.pyfunc  # here, not at the top: tests of the helpers need no MLflow start-up
+
+    return mlflow.pyfunc.load_model(uri)
+
+
+def read_images(paths: Sequence[str]) -> tuple[list[np.ndarray], list[str], list[Prediction]]:
+    """(28x28 images, their files, an error Prediction per file that failed)."""
+    images, ok, failed = [], [], []
+    for path in paths:
+        try:
+            images.append(load_digit(path))
+            ok.append(path)
+        except ImageError as exc:
+            failed.append(Prediction(path, error=str(exc).removeprefix(f"{path}: ")))
+        except OSError as exc:  # e.g. a directory or a file we may not read
+            failed.append(Prediction(path, error=exc.strerror or str(exc)))
+    return images, ok, failed
+
+
+def predict_files(paths: Sequence[str], model) -> list[Prediction]:
+    """Predictions in the order of `paths`; `model` is anything with pyfunc's predict."""
+    images, ok, failed = read_images(paths)
+    by_file = {p.file: p for p in failed}
+    if images:
+        logits = np.asarray(model.predict(batch(images)), dtype=np.float64)
+        probs = softmax(logits)
+        for path, p in zip(ok, probs):
+            digit = int(p.argmax())
+            by_file[path] = Prediction(path, digit, float(p[digit]))
+    return [by_file[p] for p in paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mnist_mlflow.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... of one digit")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model URI (default {DEFAULT_MODEL}); runs:/, models:/ or a path")
+    parser.add_argument("--json", action="store_true", help="print one JSON list")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.model)
+    except Exception as exc:  # MLflow raises several kinds for a bad URI or an unreachable store
+        print(f"error: could not load model {args.model!r}: {exc}", file=sys.stderr)
+        return 2
+    results = predict_files(args.images, model)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        for r in results:
+            print(r.line(), file=sys.stderr if r.error else sys.stdout)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Preprocessing and the predict CLI on real MNIST digits re-encoded as 'photos'.
+
+The 28x28 test digits are inverted (dark on light), enlarged 3-5x, put off-centre on a
+larger canvas and saved as PNG and JPEG; preprocessing must bring them back to what the
+model saw in training, so that it gives the same answer as for the originals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import mlflow
+import numpy as np
+import pytest
+
+from mnist_mlflow import config as C
+from mnist_mlflow import predict as PR
+from mnist_mlflow import preprocess as PP
+from tests.conftest import ROOT
+from tracking.runs import run_training
+
+N_DIGITS = 50
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory, mnist) -> str:
+    """One small trained run (~97% test accuracy) logged to a temporary store."""
+    root = tmp_path_factory.mktemp("predict-store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    cfg = C.load(ROOT / "experiments/stage3.yaml", {"optim.epochs": 2, "data.train_limit": 10000,
+                                                    "data.test_limit": 500, "device": "cpu"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+            mp.delenv(var, raising=False)
+        mp.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().create_experiment(
+            "predict", artifact_location=(root / "artifacts").as_uri()))
+        outcome = run_training(cfg, mnist=mnist, run_name="predict-model", progress=False)
+        yield f"runs:/{outcome.run_id}/model"
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def model(model_uri):
+    return PR.load_model(model_uri)
+
+
+def as_photo(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dark on light, 3-5x larger, somewhere off-centre on a bigger canvas."""
+    side = int(round(28 * rng.uniform(3, 5)))
+    big = cv2.resize(digit, (side, side), interpolation=cv2.INTER_CUBIC)
+    h, w = side + int(rng.integers(40, 120)), side + int(rng.integers(40, 160))
+    canvas = np.zeros((h, w), np.uint8)
+    top, left = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+    canvas[top:top + side, left:left + side] = big
+    return 255 - canvas
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, mnist) -> list[tuple[int, Path]]:
+    """(index into the test set, file) for a PNG and a JPEG of each of the first 50 digits."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(N_DIGITS):
+        image = as_photo(mnist.test_x[i], rng)
+        for ext in ("png", "jpg"):
+            path = folder / f"digit{i:02d}.{ext}"
+            assert cv2.imwrite(str(path), image)
+            out.append((i, path))
+    return out
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
+# ---------------------------------------------------------------- preprocessing alone
+
+def test_an_mnist_digit_comes_back_unchanged(mnist):
+    # MNIST digits are already size-normalized and centred: preprocessing is ~the identity.
+    out = [PP.to_mnist(x) for x in mnist.test_x[:N_DIGITS]]
+    assert min(correlation(o, x) for o, x in zip(out, mnist.test_x)) > 0.99
+
+
+def test_a_photo_is_brought_back_to_the_centred_digit(mnist, photos):
+    scores = [correlation(PP.load_digit(path), mnist.test_x[i]) for i, path in photos]
+    # A one-pixel difference in centring costs thin strokes a lot, hence the median.
+    assert np.median(scores) > 0.9
+    assert min(scores) > 0.6
+
+
+def test_output_follows_the_model_contract(photos):
+    x = PP.batch([PP.load_digit(path) for _, path in photos[:4]])
+    assert x.shape == (4, 1, 28, 28) and x.dtype == np.float32
+    assert x.min() >= 0 and x.max() <= 255 and x.max() > 200
+    # light digit on dark background, like MNIST: the border is black
+    assert np.all(x[:, :, 0, :] == 0) and np.all(x[:, :, :, 0] == 0)
+
+
+def test_a_blank_image_is_an_error(tmp_path):
+    path = tmp_path / "blank.png"
+    cv2.imwrite(str(path), np.full((50, 50), 255, np.uint8))
+    with pytest.raises(PP.ImageError, match="blank.png: no digit found"):
+        PP.load_digit(path)
+
+
+# ---------------------------------------------------------------- with the model
+
+def test_photos_get_the_same_class_as_the_originals(mnist, photos, model):
+    originals = np.asarray(model.predict(mnist.test_x[:N_DIGITS, None].astype(np.float32)))
+    expected = originals.argmax(1)
+    assert (expected == mnist.test_y[:N_DIGITS]).mean() >= 0.9  # the model itself is decent
+    results = PR.predict_files([str(p) for _, p in photos], model)
+    got = np.array([r.digit for r in results])
+    agreement = (got == expected[[i for i, _ in photos]]).mean()
+    assert agreement >= 0.9, f"only {agreement:.0%} of the photos agree with their originals"
+    assert all(0.1 <= r.probability <= 1.0 for r in results)
+
+
+def test_cli_reports_bad_files_and_still_classifies_the_rest(tmp_path, photos, model_uri, capsys):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a PNG\n")
+    missing = tmp_path / "missing.png"
+    good = [str(photos[0][1]), str(photos[3][1])]
+    files = [good[0], str(empty), str(text), str(missing), good[1]]
+
+    code = PR.main([*files, "--model", model_uri, "--json"])
+
+    assert code == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in rows] == files
+    errors = {r["file"]: r["error"] for r in rows}
+    assert errors[str(empty)] == "file is empty"
+    assert errors[str(text)].startswith("not a readable image")
+    assert errors[str(missing)] == "no such file"
+    for row in (rows[0], rows[4]):
+        assert row["error"] is None and 0 <= row["digit"] <= 9 and 0 < row["probability"] <= 1
+
+
+def test_cli_text_output_and_exit_0_when_all_files_are_fine(photos, model_uri, capsys):
+    files = [str(p) for _, p in photos[:2]]
+    assert PR.main([*files, "--model", model_uri]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, f in zip(lines, files):
+        assert line.startswith(f"{f}: ") and "(p=" in line
+
+
+def test_cli_exits_2_for_a_model_that_cannot_be_loaded(photos, model_uri, capsys):
+    assert PR.main([str(photos[0][1]), "--model", "models:/no-such-model@champion"]) == 2
+    assert "could not load model 'models:/no-such-model@champion'" in capsys.readouterr().err

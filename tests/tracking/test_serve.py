@@ -1,0 +1,104 @@
+"""The champion served by the real `mlflow models serve`, answering real JSON over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from mnist_mlflow import config as C
+from tests.conftest import ROOT
+from tracking.promote import promote
+from tracking.runs import run_training
+
+pytestmark = pytest.mark.slow
+
+HOST = "127.0.0.1"  # never anything but the loopback interface
+MODEL_URI = "models:/mnist-8k@champion"
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_ping(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"no /ping answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def invoke(url: str, x: np.ndarray) -> np.ndarray:
+    body = json.dumps({"inputs": x.tolist()}).encode()
+    req = urllib.request.Request(f"{url}/invocations", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return np.asarray(json.loads(r.read())["predictions"], dtype=np.float64)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """The server forks workers: signal its whole process group, escalate if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+
+
+def test_served_champion_answers_like_the_local_model(tracking_uri, tiny_config, mnist,
+                                                      tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative ./mlruns artifact root stays out of the repo
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().create_experiment(
+        "serve", artifact_location=(tmp_path / "artifacts").as_uri()))
+    cfg = C.replace(tiny_config, {"optim.epochs": 1})
+    outcome = run_training(cfg, mnist=mnist, run_name="serve", progress=False)
+    promoted = promote("mnist-8k", target=1, hold=1, mnist=mnist)
+    assert promoted.run_id == outcome.run_id
+
+    x = mnist.test_x[:8, None].astype(np.float32)
+    local = np.asarray(mlflow.pyfunc.load_model(MODEL_URI).predict(x))
+
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL_URI,
+           "--env-manager", "local", "--host", HOST, "-p", str(port), "-w", "1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group, for stop()
+    try:
+        wait_for_ping(proc, url, log)
+        served = invoke(url, x)
+    finally:
+        stop(proc)
+
+    assert served.shape == (8, 10)
+    np.testing.assert_allclose(served, local, rtol=1e-4, atol=1e-4)
+    assert (served.argmax(1) == local.argmax(1)).all()

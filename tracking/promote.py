@@ -1,0 +1,368 @@
+"""Promotes the first run that held the target to the Model Registry as ``<name>@champion``.
+
+    python -m tracking.promote [--model-name mnist-8k] [--target 99.4] [--hold 4]
+                               [--experiment NAME] [--dry-run]
+
+"First" is by start time over FINISHED runs (stage runs and search trials alike) that
+have a logged model named "model" and a ``test_accuracy`` history. Before anything is
+registered the logged model is loaded, its real parameter count checked against the
+8,000 budget, and its test accuracy recomputed; a disagreement with the run's last
+logged value refuses the promotion.
+
+Exit codes: 0 promoted, already promoted or dry run; 1 no qualifying run;
+2 bad arguments or an unreachable store; 3 refused (logged accuracy disagrees).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus, Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from mnist_mlflow.data import DataError, Mnist, load_mnist
+from mnist_mlflow.evaluation import HoldSummary, hold_summary
+from mnist_mlflow.models import count_params
+from mnist_mlflow.train import evaluate
+from tracking.runs import MODEL_NAME
+
+DEFAULT_MODEL_NAME = "mnist-8k"
+ALIAS = "champion"
+METRIC = "test_accuracy"
+MAX_PARAMS = 8000
+TOLERANCE = 0.05  # percentage points between the logged and the recomputed accuracy
+CLOSEST_SHOWN = 5
+
+
+class PromotionError(RuntimeError):
+    exit_code = 2
+
+
+class NoCandidate(PromotionError):
+    exit_code = 1
+
+
+class AccuracyMismatch(PromotionError):
+    exit_code = 3
+
+
+@dataclass
+class Candidate:
+    """One scanned run; `reason` says why it does not qualify (empty when it does)."""
+
+    run: Run
+    hold: HoldSummary
+    last_accuracy: float
+    model_uri: Optional[str] = None  # models:/<model_id> of the logged model
+    model: Optional[torch.nn.Module] = None
+    num_params: Optional[int] = None
+    reason: str = ""
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    model_name: str
+    version: Optional[str]  # None only for a dry run that would register a new version
+    run_id: str
+    model_uri: str
+    created: bool  # False: the run was already registered (or dry run)
+    dry_run: bool
+    num_params: int
+    hold_epochs: int
+    best_test_accuracy: float
+    held_test_accuracy: float
+    logged_test_accuracy: float  # the run's last logged value
+    verified_test_accuracy: Optional[float]  # None when an existing version was reused
+
+    def describe(self) -> str:
+        what = (f"would register run {self.run_id}" if self.dry_run and self.version is None else
+                f"run {self.run_id} is {self.model_name} version {self.version}")
+        verb = "promoted" if self.created else ("dry run" if self.dry_run else "already promoted")
+        checked = ("" if self.verified_test_accuracy is None else
+                   f", re-evaluated {self.verified_test_accuracy:.2f}%")
+        return (f"{verb}: {what} (@{ALIAS})\n"
+                f"  longest hold {self.hold_epochs} epochs, held {self.held_test_accuracy:.2f}%, "
+                f"best {self.best_test_accuracy:.2f}%, last logged {self.logged_test_accuracy:.2f}%"
+                f"{checked}, {self.num_params:,} parameters\n"
+                f"  load with: models:/{self.model_name}@{ALIAS}")
+
+
+# ---------------------------------------------------------------- arguments
+
+def check_arguments(model_name: str, target: float, hold: int) -> None:
+    if not model_name.strip() or any(c in model_name for c in "'\"%/"):
+        raise PromotionError(f"--model-name {model_name!r} is not allowed: a non-empty name "
+                             "without quotes, % or /")
+    if not (isinstance(target, (int, float)) and 0 < target <= 100):
+        raise PromotionError(f"--target {target!r} is not allowed: 0 < target <= 100 (percent)")
+    if not (isinstance(hold, int) and hold > 0):
+        raise PromotionError(f"--hold {hold!r} is not allowed: a positive number of epochs")
+
+
+def experiment_ids(client: MlflowClient, name: Optional[str]) -> list[str]:
+    if name:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            known = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise PromotionError(f"--experiment {name!r} does not exist; experiments: {known}")
+        return [exp.experiment_id]
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+# ---------------------------------------------------------------- scanning
+
+def finished_runs(client: MlflowClient, exp_ids: list[str]) -> Iterator[Run]:
+    """Oldest first, page by page: the first qualifying run is often early."""
+    token = None
+    while True:
+        page = client.search_runs(exp_ids, "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def accuracy_history(client: MlflowClient, run_id: str) -> list[float]:
+    """One value per step (epoch), in step order; a re-logged step keeps its latest value."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, METRIC):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    return [by_step[s][1] for s in sorted(by_step)]
+
+
+def logged_model_uri(client: MlflowClient, run: Run) -> Optional[str]:
+    models = client.search_logged_models(
+        [run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{MODEL_NAME}'")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    if not ready:
+        return None
+    return max(ready, key=lambda m: m.creation_timestamp).model_uri
+
+
+def param_int(run: Run, key: str) -> Optional[int]:
+    """A logged int param; None when absent or logged as None."""
+    raw = run.data.params.get(key)
+    if raw in (None, "", "None"):
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise PromotionError(f"run {run.info.run_id}: param {key}={raw!r} is not an integer") from None
+
+
+def judge(client: MlflowClient, cand: Candidate, target: float, hold: int) -> Candidate:
+    """Fills `reason` (cheapest checks first) and, for a qualifying run, the loaded model."""
+    h = cand.hold
+    if h.target_reached_epoch is None:
+        cand.reason = f"needs {hold} consecutive epochs >= {target}%"
+        return cand
+    logged_params = param_int(cand.run, "num_params")
+    if logged_params is not None and logged_params > MAX_PARAMS:
+        cand.reason = f"num_params param {logged_params:,} > {MAX_PARAMS:,}"
+        return cand
+    cand.model_uri = logged_model_uri(client, cand.run)
+    if cand.model_uri is None:
+        cand.reason = f"no READY logged model named {MODEL_NAME!r}"
+        return cand
+    # The param could be stale or wrong; the weights that would be served are what count.
+    cand.model = mlflow.pytorch.load_model(cand.model_uri, map_location="cpu")
+    cand.num_params = count_params(cand.model)
+    if cand.num_params > MAX_PARAMS:
+        cand.reason = f"logged model has {cand.num_params:,} parameters > {MAX_PARAMS:,}"
+        cand.model = None
+    return cand
+
+
+def select_run(client: MlflowClient, exp_ids: list[str], target: float,
+               hold: int) -> tuple[Optional[Candidate], list[Candidate]]:
+    """(first qualifying candidate or None, the rejected ones scanned before it)."""
+    rejected: list[Candidate] = []
+    for run in finished_runs(client, exp_ids):
+        history = accuracy_history(client, run.info.run_id)
+        if not history:
+            continue  # not a training run (a search parent, a benchmark without test metric)
+        cand = judge(client, Candidate(run, hold_summary(history, target, hold), history[-1]),
+                     target, hold)
+        if not cand.reason:
+            return cand, rejected
+        rejected.append(cand)
+    return None, rejected
+
+
+def no_candidate_message(rejected: list[Candidate], target: float, hold: int, scope: str) -> str:
+    head = (f"no FINISHED run in {scope} held {METRIC} >= {target}% for {hold} consecutive "
+            f"epochs with a logged model of <= {MAX_PARAMS:,} parameters")
+    if not rejected:
+        return head + f"; no run there has a {METRIC} history"
+    closest = sorted(rejected, key=lambda c: (c.hold.hold_epochs, c.hold.best_accuracy),
+                     reverse=True)[:CLOSEST_SHOWN]
+    lines = [f"  run {c.run_id} ({c.run.info.run_name}): longest hold {c.hold.hold_epochs} "
+             f"epochs, best {c.hold.best_accuracy:.2f}% - {c.reason}" for c in closest]
+    return "\n".join([head + f". Closest of {len(rejected)} candidates:", *lines])
+
+
+# ---------------------------------------------------------------- verification
+
+def verify_accuracy(cand: Candidate, mnist: Optional[Mnist]) -> float:
+    """Recomputes test accuracy on the same test images the run used (its data.test_limit)."""
+    if mnist is None:
+        data_dir = cand.run.data.params.get("data.data_dir")
+        mnist = load_mnist(None if data_dir in (None, "", "None") else data_dir)
+    limit = param_int(cand.run, "data.test_limit")
+    x, y = mnist.test_x[:limit], mnist.test_y[:limit]
+    _, acc = evaluate(cand.model, torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y))
+    if not math.isclose(acc, cand.last_accuracy, abs_tol=TOLERANCE):
+        raise AccuracyMismatch(
+            f"refusing to promote run {cand.run_id}: its logged model scores {acc:.2f}% on the "
+            f"{len(y):,} test images, but the run's last logged {METRIC} is "
+            f"{cand.last_accuracy:.2f}% (allowed difference {TOLERANCE} points); the metric or "
+            "the model was changed after training")
+    return acc
+
+
+# ---------------------------------------------------------------- registering
+
+def lock_path(tracking_uri: str) -> Path:
+    """Next to a SQLite file (every user of that store sees it), else keyed by the URI."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):].split("?")[0]).resolve()
+        return db.with_name(db.name + ".promote.lock")
+    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mnist-mlflow-promote-{digest}.lock"
+
+
+@contextlib.contextmanager
+def promotion_lock(tracking_uri: str) -> Iterator[Path]:
+    """Serializes check-then-register across processes on this machine."""
+    path = lock_path(tracking_uri)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        yield path
+
+
+def find_version(client: MlflowClient, name: str, run_id: str) -> Optional[ModelVersion]:
+    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(
+            name, description="MNIST CNN, <= 8,000 parameters; input float32 raw pixels 0-255 "
+                              "(N, 1, 28, 28), output (N, 10) logits")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def register(client: MlflowClient, name: str, cand: Candidate, alias: str) -> ModelVersion:
+    """Creates, tags and aliases one version; a failure after creation deletes it again."""
+    ensure_registered_model(client, name)
+    model_id = cand.model_uri.removeprefix("models:/")
+    version = client.create_model_version(name, source=cand.model_uri, run_id=cand.run_id,
+                                          model_id=model_id)
+    h = cand.hold
+    tags = {"run_id": cand.run_id, "hold_epochs": h.hold_epochs,
+            "best_test_accuracy": h.best_accuracy, "held_test_accuracy": h.held_accuracy,
+            "num_params": cand.num_params}
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version.version, key, str(value))
+        client.set_registered_model_alias(name, alias, version.version)
+    except BaseException:
+        client.delete_model_version(name, version.version)  # never leave a half-registered one
+        raise
+    return version
+
+
+def result_of(name: str, cand: Candidate, version: Optional[str | int], created: bool, dry_run: bool,
+              verified: Optional[float]) -> PromotionResult:
+    h = cand.hold
+    version = None if version is None else str(version)  # the store answers int or str
+    return PromotionResult(name, version, cand.run_id, cand.model_uri, created, dry_run,
+                           cand.num_params, h.hold_epochs, h.best_accuracy, h.held_accuracy,
+                           cand.last_accuracy, verified)
+
+
+def promote(model_name: str = DEFAULT_MODEL_NAME, target: float = 99.4, hold: int = 4,
+            experiment: Optional[str] = None, dry_run: bool = False, *, alias: str = ALIAS,
+            mnist: Optional[Mnist] = None) -> PromotionResult:
+    """Registers the first qualifying run under `model_name` and points `alias` at it.
+
+    Uses the current tracking URI. Raises NoCandidate, AccuracyMismatch or PromotionError.
+    """
+    check_arguments(model_name, target, hold)
+    client = MlflowClient()
+    cand, rejected = select_run(client, experiment_ids(client, experiment), target, hold)
+    if cand is None:
+        scope = f"experiment {experiment!r}" if experiment else "any experiment"
+        raise NoCandidate(no_candidate_message(rejected, target, hold, scope))
+    existing = find_version(client, model_name, cand.run_id)
+    # An existing version was verified when it was registered; a new one must be now.
+    verified = None if existing else verify_accuracy(cand, mnist)
+    if dry_run:
+        return result_of(model_name, cand, existing and existing.version, False, True, verified)
+    with promotion_lock(mlflow.get_tracking_uri()):
+        existing = find_version(client, model_name, cand.run_id)  # another process may have won
+        if existing:
+            client.set_registered_model_alias(model_name, alias, existing.version)
+            return result_of(model_name, cand, existing.version, False, False, verified)
+        version = register(client, model_name, cand, alias)
+    return result_of(model_name, cand, version.version, True, False, verified)
+
+
+# ---------------------------------------------------------------- CLI
+
+def truthy(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", ""):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: true or false")
+    return value in ("true", "1", "yes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tracking.promote", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    p.add_argument("--target", type=float, default=99.4, help="test accuracy in percent")
+    p.add_argument("--hold", type=int, default=4, help="consecutive epochs at or above target")
+    p.add_argument("--experiment", default="", help="experiment name (default: all experiments)")
+    # A value is accepted too so that the MLproject entry point can pass dry_run=false.
+    p.add_argument("--dry-run", nargs="?", const="true", default="false", type=truthy,
+                   help="report what would be promoted, register nothing")
+    args = p.parse_args(argv)
+    try:
+        result = promote(args.model_name, args.target, args.hold, args.experiment or None,
+                         args.dry_run)
+    except PromotionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (MlflowException, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
