@@ -1,0 +1,295 @@
+"""Optuna search under the 8,000-parameter budget, tracked in MLflow: ``python -m tracking.search``.
+
+One invocation = one parent MLflow run that wraps `study.optimize`; every trial is a child run
+(see tracking/search_objective.py for the trial states). With ``--workers K`` the parent run
+stays in this process and K spawned worker processes optimize the same study, each with its
+share of the trials; their child runs carry the parent's id in the `mlflow.parentRunId` tag,
+which is all MLflow needs to nest them. The study lives in Optuna storage (SQLite by
+default), so running the same command again resumes it: completed trials are kept and
+never repeated, and a trial interrupted by Ctrl-C or SIGTERM is queued to run again first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlflow
+import optuna
+import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
+
+from mnist_mlflow import config as C
+from mnist_mlflow.data import DataError, Mnist, load_mnist
+from tracking import runs, search_report
+from tracking.search_objective import Objective, TrialContext
+from tracking.search_space import SearchSpec, load_search, make_pruner, make_sampler
+from tracking.search_study import (open_storage, open_study, redact, requeue_interrupted,
+                                  sampler_seed)
+from tracking.stage import use_experiment
+
+DEFAULT_CONFIG = "experiments/search.yaml"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The CLI's choices; None means "what the search file says"."""
+
+    config: str = DEFAULT_CONFIG
+    n_trials: Optional[int] = None
+    epochs: Optional[int] = None
+    storage: Optional[str] = None
+    study_name: Optional[str] = None
+    timeout: Optional[float] = None
+    workers: int = 1
+    seed: Optional[int] = None
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    experiment: str = ""
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything one worker needs; picklable, so it crosses into a spawned process."""
+
+    spec: SearchSpec
+    storage: str
+    study_name: str
+    n_trials: int
+    timeout: Optional[float]
+    sampler_seed: int
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    threads: int
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: str
+    study: optuna.Study
+    best: Optional[optuna.trial.FrozenTrial]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def shares(n_trials: int, workers: int) -> list[int]:
+    """Fixed shares give exactly n_trials; MaxTrialsCallback, checked only after a trial ends,
+    lets concurrent workers overshoot."""
+    return [n_trials // workers + (1 if i < n_trials % workers else 0) for i in range(workers)]
+
+
+def optimize(job: WorkerJob, mnist: Mnist | None = None) -> None:
+    """One worker's loop; a trial that raises is FAIL and the loop goes on (catch=Exception)."""
+    study = optuna.load_study(study_name=job.study_name, storage=open_storage(job.storage),
+                              sampler=make_sampler(job.spec.settings, job.sampler_seed),
+                              pruner=make_pruner(job.spec.settings.pruner))
+    ctx = TrialContext(job.spec, job.study_name, job.parent_run_id, job.experiment_id,
+                       mnist or load_mnist(job.spec.base.data.data_dir))
+    study.optimize(Objective(ctx), n_trials=job.n_trials, timeout=job.timeout,
+                   catch=(Exception,), gc_after_trial=True)
+
+
+def worker_main(job: WorkerJob) -> None:
+    """Entry point of a spawned worker process."""
+    import torch
+
+    os.environ.pop("MLFLOW_RUN_ID", None)  # never adopt the parent run as our own
+    torch.set_num_threads(job.threads)  # K workers share the cores instead of fighting for them
+    mlflow.set_tracking_uri(job.tracking_uri)
+    mlflow.set_experiment(experiment_id=job.experiment_id)
+    try:
+        with runs.sigterm_as_interrupt():
+            optimize(job)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is recorded; no traceback
+        sys.exit(130)
+
+
+def run_processes(jobs: list[WorkerJob]) -> None:
+    """Spawn (not fork: torch and MLflow hold threads), wait, and stop them all on any exit."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=worker_main, args=(job,), name=f"search-worker-{i}")
+             for i, job in enumerate(jobs)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:  # on Ctrl-C/SIGTERM here: let each worker end its trial cleanly
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"search workers failed: {', '.join(failed)}")
+
+
+# ---------------------------------------------------------------- the search
+
+def resolve(opts: Options) -> tuple[SearchSpec, dict]:
+    """The search file with the CLI's overrides; every check that needs no storage or run."""
+    overrides = dict(C.parse_override(o) for o in opts.overrides)
+    for path, value in (("optim.epochs", opts.epochs), ("data.train_limit", opts.train_limit),
+                        ("data.test_limit", opts.test_limit)):
+        if value is not None:
+            overrides[path] = value
+    spec = load_search(opts.config, overrides)
+    s = spec.settings
+    plan = {"n_trials": opts.n_trials or s.n_trials, "storage": opts.storage or s.storage,
+            "study_name": opts.study_name or s.study_name, "timeout": opts.timeout,
+            "workers": opts.workers,
+            "seed": opts.seed if opts.seed is not None else s.sampler.get("seed", 0)}
+    if plan["workers"] < 1:
+        raise C.ConfigError(f"--workers={plan['workers']} is not allowed: 1 or more")
+    return spec, plan
+
+
+def run_search(opts: Options, mnist: Mnist | None = None) -> SearchResult:
+    """Runs one invocation of the search; see the module docstring."""
+    spec, plan = resolve(opts)
+    storage = open_storage(plan["storage"])
+    study = open_study(spec, storage, plan["study_name"])
+    mnist = mnist or load_mnist(spec.base.data.data_dir)  # fails now, not in every worker
+    use_experiment(opts.experiment)
+    queued = requeue_interrupted(study)
+    n_existing = len(study.get_trials(deepcopy=False))
+    with runs.tracked_run(run_name=f"search-{plan['study_name']}",
+                          tags={"stage": spec.base.stage, "search_role": "parent",
+                                "optuna.study_name": plan["study_name"],
+                                "optuna.storage": redact(plan["storage"])}) as parent:
+        log_search_params(spec, plan, queued)
+        jobs = make_jobs(spec, plan, parent.info.run_id, parent.info.experiment_id, n_existing)
+        try:
+            if len(jobs) == 1:
+                optimize(jobs[0], mnist)
+            else:
+                run_processes(jobs)
+        except BaseException:  # a failed worker or Ctrl-C: the parent still shows what was done
+            summarize_quietly(spec, plan, storage)
+            raise
+        study = optuna.load_study(study_name=plan["study_name"], storage=storage)
+        best = search_report.log_summary(study, spec)
+    return SearchResult(parent.info.run_id, study, best, search_report.counts(study))
+
+
+def summarize_quietly(spec: SearchSpec, plan: dict, storage: optuna.storages.BaseStorage) -> None:
+    """The summary on the way out of an error: its own failure must not hide that error."""
+    try:
+        study = optuna.load_study(study_name=plan["study_name"], storage=storage)
+        search_report.log_summary(study, spec)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not log the search summary: {exc!r}", file=sys.stderr)
+
+
+def make_jobs(spec: SearchSpec, plan: dict, parent_run_id: str, experiment_id: str,
+              n_existing: int) -> list[WorkerJob]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    k = plan["workers"]
+    return [WorkerJob(spec, plan["storage"], plan["study_name"], n, plan["timeout"],
+                      sampler_seed(plan["seed"], n_existing, i), parent_run_id, experiment_id,
+                      mlflow.get_tracking_uri(), max(1, (cores or 1) // k))
+            for i, n in enumerate(shares(plan["n_trials"], k)) if n > 0]
+
+
+def log_search_params(spec: SearchSpec, plan: dict, queued: list[int]) -> None:
+    # Prefixed: under `mlflow run` this run already holds the entry point's raw parameters.
+    s = spec.settings
+    mlflow.log_params({
+        "search.config": spec.source, "search.study_name": plan["study_name"],
+        "search.storage": redact(plan["storage"]), "search.n_trials": plan["n_trials"],
+        "search.workers": plan["workers"], "search.seed": plan["seed"],
+        "search.timeout": plan["timeout"], "search.epochs": spec.base.optim.epochs,
+        "search.budget": spec.budget, "search.pruner": s.pruner,
+        "search.objective": f"min val_accuracy over the last {s.objective_last_epochs} epochs",
+        "search.requeued_trials": queued})
+    mlflow.log_artifact(spec.source, "search")
+
+
+# ---------------------------------------------------------------- CLI
+
+def _number(kind: type, name: str, text: str, minimum: float):
+    """'' (MLproject's default) -> None; otherwise a number >= minimum, or a clear error."""
+    if text in ("", None):
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise C.ConfigError(f"--{name}={text!r} is not {'an integer' if kind is int else 'a number'}")
+    if value < minimum:
+        raise C.ConfigError(f"--{name}={text!r} is not allowed: {minimum} or more")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m tracking.search", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
+    p.add_argument("--n-trials", default="", help="trials in this invocation (default: the file's)")
+    p.add_argument("--epochs", default="", help="optim.epochs of every trial")
+    p.add_argument("--storage", default="", help="sqlite:///optuna.db (the file's default), "
+                                                 "journal:<file>, or any SQLAlchemy URL")
+    p.add_argument("--study-name", default="", help="Optuna study; same name + storage = resume")
+    p.add_argument("--timeout", default="", help="seconds after which no new trial starts")
+    p.add_argument("--workers", default="", help="local worker processes (default 1)")
+    p.add_argument("--seed", default="", help="sampler seed (default: the file's)")
+    p.add_argument("--train-limit", default="", help="data.train_limit: train on the first N images")
+    p.add_argument("--test-limit", default="", help="data.test_limit (reporting only)")
+    p.add_argument("--experiment", default="", help="MLflow experiment (default mnist-mlflow, "
+                                                    "or the one `mlflow run` set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config override for every trial, e.g. --set data.val_size=5000")
+    a = p.parse_args(argv)
+    return Options(
+        config=a.config, n_trials=_number(int, "n-trials", a.n_trials, 1),
+        epochs=_number(int, "epochs", a.epochs, 1), storage=a.storage or None,
+        study_name=a.study_name or None, timeout=_number(float, "timeout", a.timeout, 0),
+        workers=_number(int, "workers", a.workers, 1) or 1, seed=_number(int, "seed", a.seed, 0),
+        train_limit=_number(int, "train-limit", a.train_limit, 1),
+        test_limit=_number(int, "test-limit", a.test_limit, 1), experiment=a.experiment,
+        overrides=tuple(o for item in a.overrides for o in item.split()))
+
+
+def print_result(r: SearchResult) -> None:
+    c = r.counts
+    print(f"study {r.study.study_name}: {c['complete']} complete, {c['pruned']} pruned, "
+          f"{c['rejected']} rejected (over budget), {c['failed']} failed")
+    if r.best is not None:
+        print(f"best trial {r.best.number}: objective {r.best.value:.2f}% "
+              f"({r.best.user_attrs['num_params']:,} parameters)")
+        for k, v in r.best.params.items():
+            print(f"  {k} = {v}")
+        print(f"best config: mlflow artifacts download -r {r.parent_run_id} "
+              f"-a {search_report.BEST_CONFIG} -d .")
+    print(f"parent run_id: {r.parent_run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse_args(argv)
+        resolve(opts)  # a bad file or flag fails before any storage, run or process exists
+    except (C.ConfigError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with runs.sigterm_as_interrupt():
+            result = run_search(opts)
+    except (C.ConfigError, DataError, MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume the study", file=sys.stderr)
+        return 130
+    print_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""One Optuna trial as one nested MLflow run: sample -> budget check -> train -> objective.
+
+Every trial leaves a child run under the search's parent run, tagged ``trial_state``:
+
+    COMPLETE  run FINISHED, metric `objective`
+    PRUNED    run KILLED: the pruner stopped it (its per-epoch metrics show where)
+    REJECTED  run KILLED, never trained: over the parameter budget (tag `rejected_reason`)
+    FAIL      run FAILED, or KILLED when interrupted (tag `error`)
+
+So FINISHED always means COMPLETE, and KILLED means "stopped on purpose". `run_training`
+ends any run that raises as FAILED; the objective corrects pruned runs afterwards
+(MlflowClient works on ended runs), which keeps `tracking/runs.py` unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import NoReturn
+
+import mlflow
+import optuna
+from mlflow.entities import Param as MlflowParam
+
+from mnist_mlflow import config as C
+from mnist_mlflow.data import Mnist
+from mnist_mlflow.models import param_count_of
+from mnist_mlflow.train import EpochMetrics, seed_everything
+from tracking import runs
+from tracking.search_space import SearchSpec, sample_params
+
+TRIAL_STATE = "trial_state"  # COMPLETE | PRUNED | REJECTED | FAIL (RUNNING while it trains)
+PARENT_TAG = "mlflow.parentRunId"  # what makes a run nested, in any process
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialContext:
+    """What all trials of one worker share."""
+
+    spec: SearchSpec
+    study_name: str
+    parent_run_id: str
+    experiment_id: str
+    mnist: Mnist
+
+
+def objective_value(val_accuracies: list[float], last: int) -> float:
+    """Held validation accuracy: the minimum over the last `last` epochs (all, if fewer).
+
+    The minimum rewards a plateau that holds, like the target, rather than one lucky epoch.
+    """
+    return float(min(val_accuracies[-last:]))
+
+
+def report_epoch(trial: optuna.Trial, m: EpochMetrics) -> None:
+    """Per-epoch hook inside training: validation accuracy only, never the test set."""
+    trial.report(m.val_accuracy, m.epoch)
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%")
+
+
+class Objective:
+    def __init__(self, ctx: TrialContext):
+        self.ctx = ctx
+        self.client = mlflow.MlflowClient()
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            cfg, count = self._configure(trial)
+        except Exception as exc:  # e.g. a sampled combination the config refuses
+            self._close(trial, "FAIL", None, {"error": repr(exc)[:4000]})
+            raise
+        if count > self.ctx.spec.budget:
+            self._reject(trial, cfg, count)
+        return self._train(trial, cfg)
+
+    def _configure(self, trial: optuna.Trial) -> tuple[C.RunConfig, int]:
+        """Sampled params -> the trial's config and its parameter count, before any training."""
+        spec = self.ctx.spec
+        cfg = C.replace(spec.base, sample_params(trial, spec.space, spec.base))
+        trial.set_user_attr("config", C.flatten(cfg))  # best_config.yaml is rebuilt from this
+        count = param_count_of(cfg.model)
+        trial.set_user_attr("num_params", count)
+        # Feasible when <= 0: TPE then ranks over-budget trials by how far over they are.
+        trial.set_constraint("params_over_budget", count - spec.budget)
+        return cfg, count
+
+    # ---------------------------------------------------------------- outcomes
+
+    def _reject(self, trial: optuna.Trial, cfg: C.RunConfig, count: int) -> NoReturn:
+        """Pruned in Optuna (never COMPLETE, so never best), REJECTED in MLflow; no training."""
+        reason = (f"{count:,} parameters, over the budget of {self.ctx.spec.budget:,} "
+                  f"(model.width1={cfg.model.width1}, model.width2={cfg.model.width2})")
+        trial.set_user_attr("rejected", reason)
+        params = {**C.flatten(cfg), "num_params": count}
+        run_id = self._stub_run(trial, "REJECTED", "KILLED", {"rejected_reason": reason}, params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        raise optuna.TrialPruned(f"rejected: {reason}")
+
+    def _train(self, trial: optuna.Trial, cfg: C.RunConfig) -> float:
+        # run_training builds the model before fit() seeds, so seed here: a trial's initial
+        # weights then follow cfg.seed, and the same trial trains the same way twice.
+        seed_everything(cfg.seed)
+        try:
+            outcome = runs.run_training(
+                cfg, mnist=self.ctx.mnist, nested=True, run_name=f"trial-{trial.number}",
+                tags=self._tags(trial, "RUNNING"), on_epoch_end=partial(report_epoch, trial),
+                log_model_artifact=self.ctx.spec.settings.log_models, progress=False)
+        except optuna.TrialPruned as exc:
+            self._close(trial, "PRUNED", "KILLED", {"pruned_reason": str(exc)})
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)  # a resumed search runs it again
+            self._close(trial, "FAIL", None, {"error": "interrupted"})
+            raise
+        except Exception as exc:
+            self._close(trial, "FAIL", None, {"error": repr(exc)[:4000]})
+            raise
+        value = objective_value([h.val_accuracy for h in outcome.result.history],
+                                self.ctx.spec.settings.objective_last_epochs)
+        self.client.log_metric(outcome.run_id, "objective", value)
+        self.client.set_tag(outcome.run_id, TRIAL_STATE, "COMPLETE")
+        trial.set_user_attr("mlflow_run_id", outcome.run_id)
+        return value
+
+    # ---------------------------------------------------------------- MLflow bookkeeping
+
+    def _tags(self, trial: optuna.Trial, state: str) -> dict[str, str]:
+        return {TRIAL_STATE: state, PARENT_TAG: self.ctx.parent_run_id,
+                "optuna.study_name": self.ctx.study_name, "optuna.trial_number": str(trial.number),
+                "search_role": "trial"}
+
+    def _close(self, trial: optuna.Trial, state: str, status: str | None,
+               tags: dict[str, str]) -> None:
+        """Tags the trial's ended run; makes a stub run if it failed before one existed.
+
+        Never raises: a tracking-store hiccup must not hide why the trial ended.
+        """
+        try:
+            run_id = self._find_run(trial)
+            if run_id is None:
+                run_id = self._stub_run(trial, state, status or "FAILED", tags, {})
+            else:
+                for key, value in {TRIAL_STATE: state, **tags}.items():
+                    self.client.set_tag(run_id, key, value)
+                if status:
+                    self.client.set_terminated(run_id, status)
+            trial.set_user_attr("mlflow_run_id", run_id)
+        except Exception as exc:  # noqa: BLE001 - reported, then the original error goes on
+            log.warning("could not record trial %d's end in MLflow: %r", trial.number, exc)
+
+    def _find_run(self, trial: optuna.Trial) -> str | None:
+        found = self.client.search_runs(
+            [self.ctx.experiment_id], max_results=1,
+            filter_string=(f"tags.`{PARENT_TAG}` = '{self.ctx.parent_run_id}' and "
+                           f"tags.`optuna.trial_number` = '{trial.number}'"))
+        return found[0].info.run_id if found else None
+
+    def _stub_run(self, trial: optuna.Trial, state: str, status: str, tags: dict[str, str],
+                  params: dict) -> str:
+        """A child run for a trial that never trained: its config and why, nothing else."""
+        run = self.client.create_run(self.ctx.experiment_id, run_name=f"trial-{trial.number}",
+                                     tags={**self._tags(trial, state), **tags,
+                                           "stage": self.ctx.spec.base.stage})
+        self.client.log_batch(run.info.run_id,
+                              params=[MlflowParam(k, str(v)) for k, v in params.items()])
+        self.client.set_terminated(run.info.run_id, status)
+        return run.info.run_id

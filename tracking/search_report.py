@@ -1,0 +1,123 @@
+"""What a search's parent run holds: counts, the best trial, Optuna's figures, best_config.yaml.
+
+Everything here reads the whole study, so a resumed search reports on all its trials,
+including those of earlier invocations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections import Counter
+from typing import Optional
+
+import mlflow
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_mlflow import config as C
+from mnist_mlflow import figures  # its import also selects the headless matplotlib backend
+from tracking.search_space import SearchSpec
+
+log = logging.getLogger(__name__)
+BEST_CONFIG = "best_config.yaml"
+
+
+def trial_kind(t: FrozenTrial) -> str:
+    """complete | pruned | rejected | failed | unfinished (running or waiting)."""
+    if t.state == TrialState.PRUNED:
+        return "rejected" if "rejected" in t.user_attrs else "pruned"
+    return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed"}.get(t.state, "unfinished")
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    c = Counter(trial_kind(t) for t in study.get_trials(deepcopy=False))
+    return {k: c.get(k, 0) for k in ("complete", "pruned", "rejected", "failed", "unfinished")}
+
+
+def best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
+    """The best COMPLETE, feasible trial; None before there is one.
+
+    Rejected trials are PRUNED, and Optuna picks the best among COMPLETE trials only, and
+    among those only feasible ones (constraint <= 0): over budget can never win.
+    """
+    try:
+        return study.best_trial
+    except ValueError:  # no complete (or no feasible) trial yet
+        return None
+
+
+def best_config(trial: FrozenTrial) -> C.RunConfig:
+    """The exact config the trial trained (stored with it), renamed stage `search-best`."""
+    flat = {**trial.user_attrs["config"], "stage": "search-best"}
+    return C.from_dict({}, flat)
+
+
+def best_config_yaml(study: optuna.Study, trial: FrozenTrial, spec: SearchSpec) -> str:
+    cfg = best_config(trial)
+    header = (f"# Best trial of Optuna study {study.study_name!r}: trial {trial.number}, objective "
+              f"{trial.value:.4f} (minimum validation accuracy over the last "
+              f"{spec.settings.objective_last_epochs} epochs), {trial.user_attrs['num_params']:,} "
+              "parameters.\n"
+              "# Retrain it as a tracked run: python -m tracking.stage best_config.yaml\n"
+              "# (add --set data.val_size=0 to train on all 60,000 training images).\n")
+    return header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def log_summary(study: optuna.Study, spec: SearchSpec) -> Optional[FrozenTrial]:
+    """Into the active (parent) run: counts, best params and value, figures, trials table."""
+    n = counts(study)
+    mlflow.log_metrics({f"n_{k}": v for k, v in n.items()})
+    best = best_trial(study)
+    if best is not None:
+        if best.user_attrs["num_params"] > spec.budget:  # cannot happen; never report it
+            raise RuntimeError(f"best trial {best.number} is over the parameter budget")
+        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        mlflow.log_param("best.trial_number", best.number)
+        mlflow.log_metric("best_value", best.value)
+        mlflow.set_tags({"best_trial_number": best.number,
+                         "best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
+        mlflow.log_text(best_config_yaml(study, best, spec), BEST_CONFIG)
+    log_trials_table(study)
+    log_figures(study, n)
+    return best
+
+
+def log_trials_table(study: optuna.Study) -> None:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"number": t.number, "kind": trial_kind(t), "value": t.value,
+                     "num_params": t.user_attrs.get("num_params"),
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                     "last_epoch": max(t.intermediate_values, default=None),
+                     **{f"params.{k}": v for k, v in t.params.items()}})
+    if rows:
+        import pandas as pd  # an MLflow dependency
+
+        mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "trials.csv")
+
+
+def log_figures(study: optuna.Study, n: dict[str, int]) -> None:
+    """Optuna's matplotlib plots; one that cannot be drawn yet is skipped, never fatal."""
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {"optimization_history": ovm.plot_optimization_history,
+             "parallel_coordinate": ovm.plot_parallel_coordinate,
+             "intermediate_values": ovm.plot_intermediate_values}
+    if n["complete"] >= 2:  # importances compare complete trials
+        plots["param_importances"] = ovm.plot_param_importances
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("ignore", UserWarning)  # e.g. flat axes with few trials
+                ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(10, 6)
+            mlflow.log_figure(fig, f"figures/{name}.png")
+        except Exception as exc:  # noqa: BLE001 - e.g. too few trials for this plot
+            log.warning("skipped figure %s: %r", name, exc)
+        finally:
+            figures.plt.close("all")

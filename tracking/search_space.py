@@ -1,0 +1,259 @@
+"""The search file (experiments/search.yaml): a run config plus `search:` settings and a `space:`.
+
+Parameter names are dotted config paths (``optim.lr``), the names runs log as params, so a
+trial's params map straight back onto a RunConfig with `config.replace`. Everything is
+checked when the file is read: unknown paths, bad distributions, ranges the config would
+refuse, conditions on parameters not yet sampled. A search never starts on a bad file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from mnist_mlflow import config as C
+from mnist_mlflow.config import ConfigError
+
+# Paths a search must not vary, and why: trials are only comparable when these are equal.
+FIXED_PATHS = {
+    "model.max_params": "the parameter budget is the constraint, not a hyperparameter",
+    "optim.epochs": "every trial trains equally long (set it with --epochs)",
+    "seed": "searching the seed fits noise",
+    "stage": "run plumbing", "device": "run plumbing", "study_data": "run plumbing",
+}
+FIXED_PREFIXES = {
+    "data.": "every trial is scored on the same validation split",
+    "target.": "the target is for reporting, not selection",
+}
+KINDS = ("float", "int", "categorical")
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One searched config path; it is sampled only while all its `when` conditions hold."""
+
+    path: str
+    distribution: Any  # an optuna distribution
+    when: tuple[tuple[str, tuple], ...] = ()  # (config path, allowed values)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return all(values[p] in allowed for p, allowed in self.when)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    n_trials: int = 30
+    study_name: str = "mnist-search"
+    storage: str = "sqlite:///optuna.db"
+    objective_last_epochs: int = 4  # objective = min val accuracy over these last epochs
+    log_models: bool = False  # a model per trial costs time and disk; the best is retrained
+    sampler: dict = dataclasses.field(default_factory=lambda: {"seed": 0, "n_startup_trials": 10})
+    pruner: dict = dataclasses.field(default_factory=lambda: {"name": "median"})
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+    base: C.RunConfig  # what every trial starts from
+    space: tuple[Param, ...]
+    settings: Settings
+    source: str  # the file it came from
+
+    @property
+    def budget(self) -> int:
+        return self.base.model.max_params
+
+
+# ---------------------------------------------------------------- loading
+
+def load_search(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
+    """Reads a search file; `overrides` (dotted paths) apply to its run config part."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    # config.load refuses unknown top-level keys, so split ours off before it sees them.
+    space_raw, settings_raw = raw.pop("space", None), raw.pop("search", None) or {}
+    base = C.from_dict(raw, overrides)
+    if base.model.max_params is None:
+        raise ConfigError(f"{path}: model.max_params is null; a search needs a parameter budget")
+    if base.data.val_size <= 0:
+        raise ConfigError(f"{path}: data.val_size={base.data.val_size}; trials are scored on a "
+                          "validation split, so it must be > 0")
+    if not space_raw or not isinstance(space_raw, dict):
+        raise ConfigError(f"{path}: `space:` must be a non-empty mapping of config path -> "
+                          "distribution")
+    return SearchSpec(base, parse_space(space_raw, base), parse_settings(settings_raw), str(path))
+
+
+def parse_settings(raw: dict[str, Any]) -> Settings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search: must be a mapping, got {raw!r}")
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"unknown key 'search.{unknown[0]}'; allowed: "
+                          f"{', '.join(sorted(fields))}")
+    s = Settings(**{**dataclasses.asdict(Settings()), **raw})
+    _need(isinstance(s.n_trials, int) and s.n_trials > 0, "search.n_trials", s.n_trials,
+          "an integer > 0")
+    _need(isinstance(s.objective_last_epochs, int) and s.objective_last_epochs > 0,
+          "search.objective_last_epochs", s.objective_last_epochs, "an integer > 0")
+    _need(isinstance(s.log_models, bool), "search.log_models", s.log_models, "true or false")
+    _need(isinstance(s.sampler, dict) and set(s.sampler) <= {"seed", "n_startup_trials"},
+          "search.sampler", s.sampler, "a mapping with seed and/or n_startup_trials")
+    make_pruner(s.pruner)  # fails here, not in the first trial
+    return s
+
+
+def parse_space(raw: dict[str, Any], base: C.RunConfig) -> tuple[Param, ...]:
+    """In file order: a condition may only name a parameter sampled before it."""
+    known = C.flatten(base)
+    params: list[Param] = []
+    order = list(raw)
+    for i, (path, spec) in enumerate(raw.items()):
+        if path not in known:
+            raise ConfigError(f"space: unknown config path {path!r}{_did_you_mean(path, known)}; "
+                              f"allowed: {', '.join(known)}")
+        reason = FIXED_PATHS.get(path) or next(
+            (why for prefix, why in FIXED_PREFIXES.items() if path.startswith(prefix)), None)
+        if reason:
+            raise ConfigError(f"space: {path!r} cannot be searched: {reason}")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"space.{path} must be a mapping like {{type: float, low: 0, high: 1}}")
+        spec = dict(spec)
+        when = _parse_when(path, spec.pop("when", None) or {}, params, set(order[i:]), known)
+        dist = _distribution(path, spec)
+        _check_range(path, dist, base)
+        params.append(Param(path, dist, when))
+    return tuple(params)
+
+
+def _did_you_mean(path: str, known: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(path, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _need(ok: bool, where: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}={value!r} is not allowed: {allowed}")
+
+
+def _distribution(path: str, spec: dict[str, Any]):
+    kind = spec.pop("type", None)
+    _need(kind in KINDS, f"space.{path}.type", kind, " | ".join(KINDS))
+    allowed = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
+               "categorical": {"choices"}}[kind]
+    extra = sorted(set(spec) - allowed)
+    if extra:
+        raise ConfigError(f"space.{path}: unknown key {extra[0]!r} for type {kind}; "
+                          f"allowed: {', '.join(sorted(allowed | {'type', 'when'}))}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        _need(isinstance(choices, list) and len(choices) > 0, f"space.{path}.choices", choices,
+              "a non-empty list")
+        return CategoricalDistribution(choices)
+    number = (int,) if kind == "int" else (int, float)
+    for key in ("low", "high"):
+        v = spec.get(key)
+        _need(isinstance(v, number) and not isinstance(v, bool), f"space.{path}.{key}", v,
+              f"{'an integer' if kind == 'int' else 'a number'} (YAML reads 1e-3 as text: "
+              "write 1.0e-3)")
+    _need(isinstance(spec.get("log", False), bool), f"space.{path}.log", spec.get("log"),
+          "true or false")
+    cls = IntDistribution if kind == "int" else FloatDistribution
+    try:
+        return cls(spec["low"], spec["high"], **{k: spec[k] for k in ("log", "step") if k in spec})
+    except (TypeError, ValueError) as exc:  # optuna's checks: low <= high, log needs low > 0, ...
+        raise ConfigError(f"space.{path}: {exc}") from exc
+
+
+def _check_range(path: str, dist: Any, base: C.RunConfig) -> None:
+    """Every end of the range must be a value the config itself accepts."""
+    values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+    for v in values:
+        try:
+            C.replace(base, {path: v})
+        except ConfigError as exc:
+            raise ConfigError(f"space.{path} allows {v!r}, which the config refuses: {exc}") from exc
+
+
+def _parse_when(path: str, when: dict[str, Any], earlier: list[Param], later: set[str],
+                known: dict[str, Any]) -> tuple[tuple[str, tuple], ...]:
+    """Conditions read values already decided: earlier parameters, or fixed base values."""
+    if not isinstance(when, dict):
+        raise ConfigError(f"space.{path}.when must map config paths to a value or a list of values")
+    sampled = {p.path: p for p in earlier}
+    out = []
+    for cond, allowed in when.items():
+        if cond not in known:
+            raise ConfigError(f"space.{path}.when: unknown config path {cond!r}"
+                              f"{_did_you_mean(cond, known)}")
+        allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        prior = sampled.get(cond)
+        if cond in later:
+            raise ConfigError(f"space.{path}.when names {cond!r}, which is sampled at or after "
+                              "it; list it earlier in the file")
+        if prior is not None and isinstance(prior.distribution, CategoricalDistribution):
+            bad = [a for a in allowed if a not in prior.distribution.choices]
+            if bad:
+                raise ConfigError(f"space.{path}.when: {cond}={bad[0]!r} is never sampled; "
+                                  f"choices are {list(prior.distribution.choices)}")
+        out.append((cond, allowed))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- sampling
+
+def sample_params(trial: optuna.Trial, space: tuple[Param, ...], base: C.RunConfig) -> dict[str, Any]:
+    """Suggests each active parameter under its config path; inactive ones keep the base value."""
+    values = C.flatten(base)
+    params: dict[str, Any] = {}
+    for p in space:
+        if not p.active(values):
+            continue
+        d = p.distribution
+        if isinstance(d, CategoricalDistribution):
+            v = trial.suggest_categorical(p.path, d.choices)
+        elif isinstance(d, IntDistribution):
+            v = trial.suggest_int(p.path, d.low, d.high, step=d.step, log=d.log)
+        else:
+            v = trial.suggest_float(p.path, d.low, d.high, step=d.step, log=d.log)
+        params[p.path] = values[p.path] = v
+    return params
+
+
+def make_sampler(settings: Settings, seed: Optional[int]) -> optuna.samplers.TPESampler:
+    """Multivariate TPE with `group`: conditional parameters are modelled together, not alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group`
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True,
+            n_startup_trials=settings.sampler.get("n_startup_trials", 10))
+
+
+def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """``{name: median, n_startup_trials: 5, n_warmup_steps: 5}``: steps are epochs, from 1."""
+    if not isinstance(spec, dict) or spec.get("name") not in PRUNERS:
+        raise ConfigError(f"search.pruner={spec!r} is not allowed: a mapping whose name is one of "
+                          f"{', '.join(PRUNERS)}")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        return PRUNERS[spec["name"]](**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"search.pruner ({spec['name']}): {exc}") from exc
