@@ -25,7 +25,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow import evaluation, explore, figures
 from mnist_mlflow.data import Mnist, Splits, load_mnist, make_splits
 from mnist_mlflow.models import build_model, count_params, format_summary, layer_summary
-from mnist_mlflow.train import EpochMetrics, TrainResult, fit, predict_logits
+from mnist_mlflow.train import EpochMetrics, TrainResult, fit, predict_logits, seed_everything
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
 MODEL_NAME = "model"  # the logged model's name inside a run
@@ -198,6 +198,7 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
     """Trains `cfg` inside one MLflow run in the active experiment and logs everything."""
     mnist, splits = prepare(cfg, mnist)
     mean, std = explore.pixel_stats(splits.train_x)
+    seed_everything(cfg.seed)  # initial weights follow the seed too
     model = build_model(cfg.model, mean, std)  # BudgetError here: no run is created
     params = {**C.flatten(cfg), "num_params": count_params(model), "data.digest": mnist.digest,
               "data.source": mnist.source, "data.mean": round(mean, 6), "data.std": round(std, 6),

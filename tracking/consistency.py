@@ -1,0 +1,92 @@
+"""One configuration over several seeds, as nested runs under one parent run.
+
+    python -m tracking.consistency experiments/stage3.yaml --seeds 5
+
+The parent logs how many seeds held the target (>= 99.4% for 4 epochs within the run's
+epochs), when each hold completed, and final and best test accuracy (mean, std, min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+
+from mnist_mlflow import config as C
+from mnist_mlflow.data import DataError
+from mnist_mlflow.models import BudgetError, build_model
+from tracking import runs
+from tracking.stage import add_common_arguments, overrides_from, use_experiment
+
+
+def seed_figure(seeds: list[int], histories: list[list[float]], target: float) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for seed, acc in zip(seeds, histories):
+        ax.plot(range(1, len(acc) + 1), acc, "-o", ms=3, label=f"seed {seed}")
+    ax.axhline(target, color="gray", ls=":")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(98.5, 100), title="Test accuracy per seed")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def summarize(outcomes: list[runs.RunOutcome], cfg: C.RunConfig) -> dict[str, float]:
+    final = np.array([o.result.history[-1].test_accuracy for o in outcomes])
+    best = np.array([o.hold.best_accuracy for o in outcomes])
+    reached = [o.hold.target_reached_epoch for o in outcomes if o.hold.target_reached_epoch]
+    out = {"seeds": len(outcomes), "seeds_holding": len(reached), "share_holding": len(reached) / len(outcomes),
+           "final_accuracy_mean": final.mean(), "final_accuracy_std": final.std(),
+           "final_accuracy_min": final.min(), "best_accuracy_mean": best.mean(),
+           "best_accuracy_std": best.std(), "best_accuracy_min": best.min()}
+    if reached:
+        out.update(reached_epoch_mean=float(np.mean(reached)), reached_epoch_max=float(max(reached)),
+                   reached_epoch_min=float(min(reached)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tracking.consistency", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment file, e.g. experiments/stage3.yaml")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 1..N")
+    add_common_arguments(p)
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        print(f"error: --seeds={args.seeds} is not allowed: at least 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = C.load(args.config, overrides_from(args))
+        mnist, _ = runs.prepare(cfg)
+        build_model(cfg.model)
+        use_experiment(args.experiment)
+    except (C.ConfigError, BudgetError, DataError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seeds = list(range(1, args.seeds + 1))
+    with runs.sigterm_as_interrupt(), runs.tracked_run(run_name=f"{cfg.stage}-consistency",
+                                                       tags={"stage": f"{cfg.stage}-consistency"}):
+        mlflow.log_params({**C.flatten(cfg), "seeds": args.seeds})
+        outcomes = []
+        for seed in seeds:
+            seed_cfg = C.replace(cfg, {"seed": seed})
+            outcomes.append(runs.run_training(seed_cfg, mnist=mnist, nested=True, run_name=f"seed-{seed}"))
+            line = runs.summary_text(seed_cfg, outcomes[-1].hold, runs.count_params(outcomes[-1].result.model),
+                                     outcomes[-1].result.history).splitlines()
+            print(f"seed {seed}: {line[1]}; {line[2]}", flush=True)
+        stats = summarize(outcomes, cfg)
+        mlflow.log_metrics(stats)
+        histories = [[h.test_accuracy for h in o.result.history] for o in outcomes]
+        mlflow.log_figure(seed_figure(seeds, histories, cfg.target.accuracy), "figures/seeds.png")
+    print(f"{stats['seeds_holding']} of {stats['seeds']} seeds held >= {cfg.target.accuracy}% for "
+          f"{cfg.target.hold} epochs within {cfg.optim.epochs} epochs")
+    for k, v in stats.items():
+        print(f"  {k}: {v:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
