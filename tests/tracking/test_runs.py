@@ -16,7 +16,9 @@ EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "
 
 
 @pytest.fixture
-def logged_run(mnist, tiny_config, tracking_uri):
+def logged_run(mnist, tiny_config, tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # a tiny run lasts seconds
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     mlflow.set_experiment("test")
     return runs.run_training(tiny_config, mnist=mnist, progress=False)
 
