@@ -26,7 +26,7 @@ from mlflow.entities import Param as MlflowParam
 from mnist_mlflow import config as C
 from mnist_mlflow.data import Mnist
 from mnist_mlflow.models import param_count_of
-from mnist_mlflow.train import EpochMetrics, seed_everything
+from mnist_mlflow.train import EpochMetrics
 from tracking import runs
 from tracking.search_space import SearchSpec, sample_params
 
@@ -101,9 +101,6 @@ class Objective:
         raise optuna.TrialPruned(f"rejected: {reason}")
 
     def _train(self, trial: optuna.Trial, cfg: C.RunConfig) -> float:
-        # run_training builds the model before fit() seeds, so seed here: a trial's initial
-        # weights then follow cfg.seed, and the same trial trains the same way twice.
-        seed_everything(cfg.seed)
         try:
             outcome = runs.run_training(
                 cfg, mnist=self.ctx.mnist, nested=True, run_name=f"trial-{trial.number}",
