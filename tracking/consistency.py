@@ -14,13 +14,10 @@ import sys
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
-from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
-from mnist_mlflow.data import DataError
-from mnist_mlflow.models import BudgetError, build_model
 from tracking import runs
-from tracking.stage import add_common_arguments, overrides_from, use_experiment
+from tracking.stage import SetupError, add_common_arguments, checked_setup
 
 
 def seed_figure(seeds: list[int], histories: list[list[float]], target: float) -> plt.Figure:
@@ -59,11 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --seeds={args.seeds} is not allowed: at least 1", file=sys.stderr)
         return 2
     try:
-        cfg = C.load(args.config, overrides_from(args))
-        mnist, _ = runs.prepare(cfg)
-        build_model(cfg.model)
-        use_experiment(args.experiment)
-    except (C.ConfigError, BudgetError, DataError, MlflowException) as exc:
+        cfg, mnist = checked_setup(args)
+    except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seeds = list(range(1, args.seeds + 1))

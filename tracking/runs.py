@@ -11,7 +11,6 @@ import contextlib
 import platform
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional

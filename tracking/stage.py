@@ -13,7 +13,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
-from mnist_mlflow.data import DataError
+from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from tracking import runs
 
@@ -60,6 +60,25 @@ def use_experiment(name: str) -> None:
         mlflow.MlflowClient().search_experiments(max_results=1)
 
 
+def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
+    """Config, data, budget and store, all checked before any run exists.
+
+    Raises SetupError with a one-line reason; the callers exit 2 on it.
+    """
+    try:
+        cfg = C.load(args.config, overrides_from(args))
+        mnist, _ = runs.prepare(cfg)
+        build_model(cfg.model)
+        use_experiment(args.experiment)
+    except (C.ConfigError, BudgetError, DataError, MlflowException) as exc:
+        raise SetupError(str(exc)) from exc
+    return cfg, mnist
+
+
+class SetupError(RuntimeError):
+    """Bad input or an unusable environment, found before training."""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tracking.stage", description=__doc__)
     p.add_argument("config", help="experiment file, e.g. experiments/stage3.yaml")
@@ -67,11 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        cfg = C.load(args.config, overrides_from(args))
-        mnist, _ = runs.prepare(cfg)
-        build_model(cfg.model)
-        use_experiment(args.experiment)
-    except (C.ConfigError, BudgetError, DataError, MlflowException) as exc:
+        cfg, mnist = checked_setup(args)
+    except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with runs.sigterm_as_interrupt():

@@ -7,7 +7,6 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mnist_mlflow import config as C
 from mnist_mlflow.models import count_params
 from tests.conftest import ROOT
 from tracking import runs, stage
