@@ -185,7 +185,11 @@ def judge(client: MlflowClient, cand: Candidate, target: float, hold: int) -> Ca
         cand.reason = f"no READY logged model named {MODEL_NAME!r}"
         return cand
     # The param could be stale or wrong; the weights that would be served are what count.
-    cand.model = mlflow.pytorch.load_model(cand.model_uri, map_location="cpu")
+    try:
+        cand.model = mlflow.pytorch.load_model(cand.model_uri, map_location="cpu")
+    except (MlflowException, OSError) as exc:  # e.g. artifacts deleted: skip, don't crash
+        cand.reason = f"logged model cannot be loaded ({exc})"
+        return cand
     cand.num_params = count_params(cand.model)
     if cand.num_params > MAX_PARAMS:
         cand.reason = f"logged model has {cand.num_params:,} parameters > {MAX_PARAMS:,}"

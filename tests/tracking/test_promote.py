@@ -197,3 +197,18 @@ def test_a_failure_after_creating_the_version_deletes_it(store, mnist):
 def test_bad_arguments_exit_2_with_the_value_and_what_is_allowed(store, capsys, argv, message):
     assert P.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_run_whose_model_artifacts_are_gone_is_skipped_not_fatal(store):
+    client = MlflowClient()
+    client.create_experiment("lost", artifact_location=(store.root / "lost").as_uri())
+    mlflow.set_experiment("lost")
+    log_run_by_hand("lost", [99.5, 99.5], TinyNet(), count_params(TinyNet()))
+    import shutil
+
+    shutil.rmtree(store.root / "lost")  # someone cleaned up mlruns/ by hand
+    for leftover in store.root.glob("**/models/*"):  # MLflow 3 keeps logged models apart
+        if "lost" in str(leftover):
+            shutil.rmtree(leftover)
+    with pytest.raises(P.NoCandidate, match="logged model cannot be loaded"):
+        P.promote("lost", target=99.4, hold=2, experiment="lost")
