@@ -49,6 +49,32 @@ class TrainResult:
 
 
 EpochCallback = Callable[[EpochMetrics], None]
+CheckpointCallback = Callable[[dict], None]
+
+
+def make_checkpoint(epoch: int, model: nn.Module, opt, sched, gen: torch.Generator,
+                    history: list[EpochMetrics]) -> dict:
+    """Everything needed to continue bit for bit: tensors and plain containers only,
+    so it loads with ``torch.load(weights_only=True)``."""
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict() if sched is not None else None,
+             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+             "history": [asdict(h) for h in history]}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_checkpoint(state: dict, model: nn.Module, opt, sched, gen: torch.Generator) -> list[EpochMetrics]:
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])  # data order and augmentation
+    torch.set_rng_state(state["torch_rng"])  # dropout masks
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return [EpochMetrics(**h) for h in state["history"]]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -110,8 +136,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 
 def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = None,
-        progress: bool = True, model: nn.Module | None = None) -> TrainResult:
-    """Trains `cfg`'s model on `splits.train`, evaluating on test (and val) after each epoch."""
+        progress: bool = True, model: nn.Module | None = None,
+        on_checkpoint: CheckpointCallback | None = None, resume_from: dict | None = None) -> TrainResult:
+    """Trains `cfg`'s model on `splits.train`, evaluating on test (and val) after each epoch.
+
+    `on_checkpoint` gets the state after every epoch, before `on_epoch_end`; `resume_from`
+    (such a state) continues from the epoch after it, to the same result as an uninterrupted run.
+    """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -125,8 +156,12 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
     opt = make_optimizer(model, cfg)
     sched, per_batch = make_scheduler(opt, cfg, steps)
     result = TrainResult(model=model, device=str(device))
+    first = 1
+    if resume_from is not None:
+        result.history = restore_checkpoint(resume_from, model, opt, sched, gen)
+        first = resume_from["epoch"] + 1
 
-    bar = tqdm(range(1, cfg.optim.epochs + 1), desc=cfg.stage, unit="epoch", disable=not progress)
+    bar = tqdm(range(first, cfg.optim.epochs + 1), desc=cfg.stage, unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
@@ -158,6 +193,8 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
             epoch_seconds=time.perf_counter() - t0, val_loss=val_loss, val_accuracy=val_acc)
         result.history.append(metrics)
         bar.set_postfix(train=f"{metrics.train_accuracy:.2f}", test=f"{test_acc:.2f}")
+        if on_checkpoint is not None:
+            on_checkpoint(make_checkpoint(epoch, model, opt, sched, gen, result.history))
         if on_epoch_end is not None:
             on_epoch_end(metrics)
     return result

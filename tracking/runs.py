@@ -11,6 +11,7 @@ import contextlib
 import platform
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -18,6 +19,8 @@ from typing import Callable, Iterator, Optional
 import mlflow
 import numpy as np
 import torch
+import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from mnist_mlflow import config as C
@@ -28,6 +31,11 @@ from mnist_mlflow.train import EpochMetrics, TrainResult, fit, predict_logits, s
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
 MODEL_NAME = "model"  # the logged model's name inside a run
+CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "last.pt"  # replaced after every epoch
+
+
+class ResumeError(RuntimeError):
+    """A run cannot be resumed: unknown, finished, or without a checkpoint."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -176,6 +184,41 @@ def log_data_study(splits: Splits, mean: float, std: float) -> None:
     figures.plt.close("all")
 
 
+def log_checkpoint(state: dict) -> None:
+    """The latest epoch's full training state, so an interrupted run can be resumed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT_FILE
+        torch.save(state, path)
+        mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+
+
+def config_of_run(run_id: str) -> C.RunConfig:
+    """The config a run logged, rebuilt from its params (values come back as strings)."""
+    params = mlflow.MlflowClient().get_run(run_id).data.params
+    keys = C.flatten(C.RunConfig())
+    values = {k: None if params[k] == "None" else yaml.safe_load(params[k]) for k in keys if k in params}
+    if len(values) != len(keys):
+        raise ResumeError(f"run {run_id} lacks config params {sorted(set(keys) - set(values))[:5]}: "
+                          "it was not made by this project")
+    if values.get("data.data_dir") is not None:
+        values["data.data_dir"] = params["data.data_dir"]  # a path stays a string
+    return C.from_dict({}, values)
+
+
+def load_checkpoint(run_id: str) -> dict:
+    """The run's last checkpoint; refuses finished runs and runs without one."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    if run.info.status == "FINISHED":
+        raise ResumeError(f"run {run_id} is FINISHED: nothing to resume")
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                    artifact_path=f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}")
+    except MlflowException as exc:
+        raise ResumeError(f"run {run_id} has no {CHECKPOINT_DIR}/{CHECKPOINT_FILE} to resume from "
+                          "(it stopped before its first epoch ended)") from exc
+    return torch.load(local, weights_only=True)
+
+
 @dataclass
 class RunOutcome:
     run_id: str
@@ -193,8 +236,14 @@ def prepare(cfg: C.RunConfig, mnist: Mnist | None = None) -> tuple[Mnist, Splits
 def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str | None = None,
                  nested: bool = False, tags: dict[str, str] | None = None,
                  on_epoch_end: Optional[Callable[[EpochMetrics], None]] = None,
-                 log_model_artifact: bool = True, progress: bool = True) -> RunOutcome:
-    """Trains `cfg` inside one MLflow run in the active experiment and logs everything."""
+                 log_model_artifact: bool = True, progress: bool = True,
+                 checkpoints: bool = False, resume_run_id: str | None = None) -> RunOutcome:
+    """Trains `cfg` inside one MLflow run in the active experiment and logs everything.
+
+    With `checkpoints`, the training state is logged after every epoch; `resume_run_id`
+    continues that (unfinished) run from its last checkpoint, in the same MLflow run.
+    """
+    state = load_checkpoint(resume_run_id) if resume_run_id else None
     mnist, splits = prepare(cfg, mnist)
     mean, std = explore.pixel_stats(splits.train_x)
     seed_everything(cfg.seed)  # initial weights follow the seed too
@@ -209,14 +258,17 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
         if on_epoch_end is not None:
             on_epoch_end(m)
 
-    with tracked_run(run_name=run_name or cfg.stage, nested=nested, log_system_metrics=True,
-                     tags={"stage": cfg.stage, **(tags or {})}) as run:
-        mlflow.log_params(params)
-        log_datasets(mnist, splits)
-        mlflow.log_text(format_summary(layer_summary(model)), "model_summary.txt")
-        if cfg.study_data:
-            log_data_study(splits, mean, std)
-        result = fit(cfg, splits, on_epoch_end=on_epoch, progress=progress, model=model)
+    start = ({"run_id": resume_run_id} if resume_run_id else
+             {"run_name": run_name or cfg.stage, "nested": nested, "tags": {"stage": cfg.stage, **(tags or {})}})
+    with tracked_run(log_system_metrics=True, **start) as run:
+        if state is None:  # a resumed run has all of this already
+            mlflow.log_params(params)
+            log_datasets(mnist, splits)
+            mlflow.log_text(format_summary(layer_summary(model)), "model_summary.txt")
+            if cfg.study_data:
+                log_data_study(splits, mean, std)
+        result = fit(cfg, splits, on_epoch_end=on_epoch, progress=progress, model=model,
+                     on_checkpoint=log_checkpoint if checkpoints or state else None, resume_from=state)
         if log_model_artifact:
             hold = log_results(cfg, splits, result)
         else:

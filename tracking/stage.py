@@ -1,6 +1,9 @@
 """Runs one stage as a tracked MLflow run: ``python -m tracking.stage experiments/stage3.yaml``.
 
-This is what the MLproject entry points stage1, stage2 and stage3 call.
+This is what the MLproject entry points stage1, stage2 and stage3 call. The training state is
+logged after every epoch (artifact checkpoint/last.pt): a run stopped by Ctrl-C or SIGTERM ends
+KILLED and ``python -m tracking.stage --resume RUN_ID`` continues that same run to the result an
+uninterrupted run would have had.
 """
 
 from __future__ import annotations
@@ -66,11 +69,19 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
     Raises SetupError with a one-line reason; the callers exit 2 on it.
     """
     try:
-        cfg = C.load(args.config, overrides_from(args))
+        if getattr(args, "resume", ""):
+            if overrides_from(args):
+                raise C.ConfigError("--resume continues a run with its own config: drop the overrides")
+            cfg = runs.config_of_run(args.resume)
+            runs.load_checkpoint(args.resume)  # fails now, not after loading data
+        else:
+            if not args.config:
+                raise C.ConfigError("an experiment file is needed, e.g. experiments/stage3.yaml")
+            cfg = C.load(args.config, overrides_from(args))
         mnist, _ = runs.prepare(cfg)
         build_model(cfg.model)
         use_experiment(args.experiment)
-    except (C.ConfigError, BudgetError, DataError, MlflowException) as exc:
+    except (C.ConfigError, BudgetError, DataError, MlflowException, runs.ResumeError) as exc:
         raise SetupError(str(exc)) from exc
     return cfg, mnist
 
@@ -81,8 +92,10 @@ class SetupError(RuntimeError):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tracking.stage", description=__doc__)
-    p.add_argument("config", help="experiment file, e.g. experiments/stage3.yaml")
+    p.add_argument("config", nargs="?", default="", help="experiment file, e.g. experiments/stage3.yaml")
     add_common_arguments(p)
+    p.add_argument("--resume", default="", metavar="RUN_ID",
+                   help="continue an interrupted run from its last checkpoint, in the same MLflow run")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -91,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with runs.sigterm_as_interrupt():
-        outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress)
+        outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress, checkpoints=True,
+                                    resume_run_id=args.resume or None)
     print(runs.summary_text(cfg, outcome.hold, runs.count_params(outcome.result.model),
                             outcome.result.history), end="")
     print(f"run_id: {outcome.run_id}")

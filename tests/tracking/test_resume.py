@@ -1,0 +1,73 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from mnist_mlflow import config as C
+from tests.conftest import ROOT
+from tracking import runs, stage
+
+ARGS = ["--epochs", "3", "--train-limit", "1000", "--test-limit", "300", "--set", "optim.batch_size=32",
+        "--experiment", "resume", "--no-progress"]
+
+
+def history(run_id: str, key: str = "test_accuracy") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def only_run(status: str) -> str:
+    exp = MlflowClient().get_experiment_by_name("resume").experiment_id
+    found = MlflowClient().search_runs([exp], f"attributes.status = '{status}'")
+    assert len(found) == 1, [r.info.status for r in found]
+    return found[0].info.run_id
+
+
+def test_interrupted_run_resumes_in_the_same_run_to_the_uninterrupted_result(tracking_uri, capsys):
+    config = str(ROOT / "experiments/stage3.yaml")
+    assert stage.main([config, *ARGS]) == 0
+    reference = only_run("FINISHED")
+
+    proc = subprocess.Popen([sys.executable, "-m", "tracking.stage", config, *ARGS], cwd=os.getcwd(),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait for the first checkpoint, then press Ctrl-C
+        running = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("resume").experiment_id],
+                                             "attributes.status = 'RUNNING'")
+        if running and any(a.path == "checkpoint/last.pt" for a in
+                           MlflowClient().list_artifacts(running[0].info.run_id, "checkpoint")):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    interrupted = only_run("KILLED")
+    assert len(history(interrupted)) < 3  # stopped before the end
+
+    assert stage.main(["--resume", interrupted, "--no-progress"]) == 0
+    run = MlflowClient().get_run(interrupted)
+    assert run.info.status == "FINISHED"
+    for key in ("test_accuracy", "train_loss", "lr"):
+        assert history(interrupted, key) == history(reference, key)
+    assert run.data.metrics["best_test_accuracy"] == MlflowClient().get_run(reference).data.metrics["best_test_accuracy"]
+    assert mlflow.pytorch.load_model(f"runs:/{interrupted}/model") is not None  # model logged at the end
+
+
+def test_resume_refuses_finished_runs_and_runs_without_checkpoint(tracking_uri, mnist, tiny_config, capsys):
+    mlflow.set_experiment("resume")
+    finished = runs.run_training(C.replace(tiny_config, {"optim.epochs": 1}), mnist=mnist, progress=False)
+    assert stage.main(["--resume", finished.run_id]) == 2
+    assert "is FINISHED: nothing to resume" in capsys.readouterr().err
+
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_training(tiny_config, mnist=mnist, progress=False,  # no checkpoints asked for
+                          on_epoch_end=lambda m: (_ for _ in ()).throw(KeyboardInterrupt()))
+    killed = only_run("KILLED")
+    assert stage.main(["--resume", killed]) == 2
+    assert "has no checkpoint/last.pt to resume from" in capsys.readouterr().err
+    assert stage.main(["--resume", killed, "--epochs", "5"]) == 2
+    assert "drop the overrides" in capsys.readouterr().err
