@@ -119,3 +119,13 @@ def test_mlflow_run_stage1_end_to_end(tracking_uri, tmp_path):
     figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"figures/samples.png", "figures/thickness.png", "figures/morphology.png",
             "figures/receptive_field_study.png", "figures/curves.png"} <= figs
+
+
+def test_report_lists_finished_runs(logged_run, capsys):
+    from tracking import report
+
+    report.main(["--experiment", "test", "--stage", "stage3"])
+    out = capsys.readouterr().out
+    assert logged_run.run_id[:8] in out and "| stage3 | 1 | " in out
+    with pytest.raises(SystemExit, match="no experiment named 'nope'"):
+        report.rows("nope")
