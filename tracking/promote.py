@@ -38,6 +38,7 @@ from mnist_mlflow.evaluation import HoldSummary, hold_summary
 from mnist_mlflow.models import count_params
 from mnist_mlflow.train import evaluate
 from tracking.runs import MODEL_NAME
+from tracking.stage import check_server
 
 DEFAULT_MODEL_NAME = "mnist-8k"
 ALIAS = "champion"
@@ -356,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="report what would be promoted, register nothing")
     args = p.parse_args(argv)
     try:
+        check_server(mlflow.get_tracking_uri())
         result = promote(args.model_name, args.target, args.hold, args.experiment or None,
                          args.dry_run)
     except PromotionError as exc:

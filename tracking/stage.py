@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import urllib.error
+import urllib.request
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -50,11 +52,24 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """An HTTP tracking server must answer /health now: MLflow's own client would retry for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise MlflowException(f"tracking server {uri} cannot be reached ({reason}); start it or set "
+                              "MLFLOW_TRACKING_URI to a reachable store, e.g. sqlite:///mlflow.db") from exc
+
+
 def use_experiment(name: str) -> None:
     """Inside `mlflow run` the experiment is already chosen; otherwise ours, or the one named.
 
     This is also the first contact with the tracking store: an unreachable one fails here.
     """
+    check_server(mlflow.get_tracking_uri())
     if name:
         mlflow.set_experiment(name)
     elif not ({"MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"} & set(os.environ)):

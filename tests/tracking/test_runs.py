@@ -129,3 +129,22 @@ def test_report_lists_finished_runs(logged_run, capsys):
     assert logged_run.run_id[:8] in out and "| stage3 | 1 | " in out
     with pytest.raises(SystemExit, match="no experiment named 'nope'"):
         report.rows("nope")
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(monkeypatch, tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    try:
+        started = time.monotonic()
+        assert stage.main([str(ROOT / "experiments/stage3.yaml"), "--epochs", "1"]) == 2
+        assert time.monotonic() - started < 60
+        assert f"tracking server http://127.0.0.1:{port} cannot be reached" in capsys.readouterr().err
+    finally:
+        mlflow.set_tracking_uri(None)
