@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from mnist_mlflow.data import load_mnist, make_splits
 from mnist_mlflow.models import build_model, count_params
 from mnist_mlflow.train import fit, make_optimizer, make_scheduler, seed_everything
 
-ROOT_CONFIG = "experiments/stage3.yaml"
+ROOT_CONFIG = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
 
 
 class PerSampleMnist(Dataset):
