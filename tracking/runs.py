@@ -20,7 +20,6 @@ import mlflow
 import numpy as np
 import torch
 import yaml
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from mnist_mlflow import config as C
@@ -205,17 +204,22 @@ def config_of_run(run_id: str) -> C.RunConfig:
     return C.from_dict({}, values)
 
 
+def check_resumable(run_id: str) -> None:
+    """Cheap checks, no download: the run exists, is not FINISHED and has a checkpoint."""
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status == "FINISHED":
+        raise ResumeError(f"run {run_id} is FINISHED: nothing to resume")
+    if not any(a.path == f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+               for a in client.list_artifacts(run_id, CHECKPOINT_DIR)):
+        raise ResumeError(f"run {run_id} has no {CHECKPOINT_DIR}/{CHECKPOINT_FILE} to resume from "
+                          "(it stopped before its first epoch ended)")
+
+
 def load_checkpoint(run_id: str) -> dict:
     """The run's last checkpoint; refuses finished runs and runs without one."""
-    run = mlflow.MlflowClient().get_run(run_id)
-    if run.info.status == "FINISHED":
-        raise ResumeError(f"run {run_id} is FINISHED: nothing to resume")
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id,
-                                                    artifact_path=f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}")
-    except MlflowException as exc:
-        raise ResumeError(f"run {run_id} has no {CHECKPOINT_DIR}/{CHECKPOINT_FILE} to resume from "
-                          "(it stopped before its first epoch ended)") from exc
+    check_resumable(run_id)
+    local = mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                artifact_path=f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}")
     return torch.load(local, weights_only=True)
 
 

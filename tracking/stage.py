@@ -84,11 +84,12 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
     Raises SetupError with a one-line reason; the callers exit 2 on it.
     """
     try:
+        check_server(mlflow.get_tracking_uri())  # before any other store call can hang in retries
         if getattr(args, "resume", ""):
             if overrides_from(args):
                 raise C.ConfigError("--resume continues a run with its own config: drop the overrides")
             cfg = runs.config_of_run(args.resume)
-            runs.load_checkpoint(args.resume)  # fails now, not after loading data
+            runs.check_resumable(args.resume)  # fails now, not after loading data
         else:
             if not args.config:
                 raise C.ConfigError("an experiment file is needed, e.g. experiments/stage3.yaml")
