@@ -31,10 +31,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["tiny", "barebone"] = "tiny"
-    width1: int = 9  # channels of the first block and of the 1x1 transition
-    width2: int = 16  # channels of the wide convolutions
+    arch: Literal["tiny", "lean", "barebone"] = "tiny"
+    width1: int = 9  # channels of the full-resolution block (tiny: and of the 1x1 transition)
+    width2: int = 16  # channels of the convolutions after the pooling
     dropout: float = 0.05
+    dropout_mask: Literal["bernoulli", "words16"] = "bernoulli"  # see models.WordMaskDropout
     max_params: Optional[int] = 8000  # hard budget, checked when the model is built
 
 
@@ -75,6 +76,7 @@ class RunConfig:
     stage: str = "stage3"
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of training forward passes
     study_data: bool = False  # stage 1: log the data study (statistics, figures, RF study)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -32,9 +33,43 @@ class Normalize(nn.Module):
         return (x / 255.0 - self.mean) / self.std
 
 
-def conv_bn(cin: int, cout: int, dropout: float, kernel: int = 3) -> nn.Sequential:
+class WordMaskDropout(nn.Module):
+    """Per-element dropout, as nn.Dropout, with a cheaper mask on the CPU.
+
+    Each 64-bit random word gives four mask entries (the low 15 bits of each 16-bit slice,
+    all uniform), so the generator is called a quarter as often as by ``bernoulli_``, which
+    costs a third of a CPU training step here. p is rounded to a multiple of 2**-15
+    (0.05 -> 0.049988). Uses the default torch generator, so seeds and checkpoints work as
+    for nn.Dropout; other devices use ``F.dropout``.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 2**15)  # drop where the 15-bit value is below this
+        self.scale = 1.0 / (1.0 - self.threshold / 2**15)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+        keep = (words.view(torch.int16)[:n].view(x.shape) & 0x7FFF) >= self.threshold
+        return x * (keep * self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, effective_p={self.threshold / 2**15:.6f}"
+
+
+DROPOUTS = {"bernoulli": nn.Dropout, "words16": WordMaskDropout}
+
+
+def conv_bn(cin: int, cout: int, dropout: float, kernel: int = 3,
+            mask: str = "bernoulli") -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(), nn.Dropout(dropout))
+                         nn.ReLU(), DROPOUTS[mask](dropout))
 
 
 class TinyNet(nn.Module):
@@ -44,19 +79,41 @@ class TinyNet(nn.Module):
     """
 
     def __init__(self, width1: int = 9, width2: int = 16, dropout: float = 0.05,
-                 mean: float = MNIST_MEAN, std: float = MNIST_STD):
+                 mean: float = MNIST_MEAN, std: float = MNIST_STD, mask: str = "bernoulli"):
         super().__init__()
         w1, w2 = width1, width2
         self.features = nn.Sequential(
             Normalize(mean, std),
-            conv_bn(1, w1, dropout), conv_bn(w1, w2, dropout),
-            nn.MaxPool2d(2), conv_bn(w2, w1, dropout, kernel=1),
-            conv_bn(w1, w2, dropout), conv_bn(w2, w2, dropout), conv_bn(w2, w2, dropout),
+            conv_bn(1, w1, dropout, mask=mask), conv_bn(w1, w2, dropout, mask=mask),
+            nn.MaxPool2d(2), conv_bn(w2, w1, dropout, kernel=1, mask=mask),
+            conv_bn(w1, w2, dropout, mask=mask), conv_bn(w2, w2, dropout, mask=mask),
+            conv_bn(w2, w2, dropout, mask=mask),
         )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(w2, 10, 1), nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class LeanNet(TinyNet):
+    """TinyNet's receptive fields with a thin full-resolution block and no 1x1 transition:
+    about 40 % fewer multiply-adds and activations, where a CPU step spends its time.
+
+    28 -> 26 -> 24 (RF 5, width1 channels) -> maxpool 12 -> 10 -> 8 -> 6 (RF 18) -> GAP -> 1x1.
+    """
+
+    def __init__(self, width1: int = 8, width2: int = 16, dropout: float = 0.05,
+                 mean: float = MNIST_MEAN, std: float = MNIST_STD, mask: str = "bernoulli"):
+        nn.Module.__init__(self)
+        w1, w2 = width1, width2
+        self.features = nn.Sequential(
+            Normalize(mean, std),
+            conv_bn(1, w1, dropout, mask=mask), conv_bn(w1, w1, dropout, mask=mask),
+            nn.MaxPool2d(2),
+            conv_bn(w1, w2, dropout, mask=mask), conv_bn(w2, w2, dropout, mask=mask),
+            conv_bn(w2, w2, dropout, mask=mask),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(w2, 10, 1), nn.Flatten())
 
 
 class BareboneNet(nn.Module):
@@ -85,12 +142,13 @@ def count_params(model: nn.Module) -> int:
 
 def build_model(cfg: ModelConfig, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> nn.Module:
     """Builds the configured network and enforces the budget before anything trains."""
-    if cfg.arch == "tiny":
-        model = TinyNet(cfg.width1, cfg.width2, cfg.dropout, mean, std)
+    if cfg.arch in ("tiny", "lean"):
+        cls = TinyNet if cfg.arch == "tiny" else LeanNet
+        model = cls(cfg.width1, cfg.width2, cfg.dropout, mean, std, mask=cfg.dropout_mask)
     elif cfg.arch == "barebone":
         model = BareboneNet(mean, std)
     else:
-        raise ValueError(f"model.arch={cfg.arch!r} is not allowed: tiny or barebone")
+        raise ValueError(f"model.arch={cfg.arch!r} is not allowed: tiny, lean or barebone")
     n = count_params(model)
     if cfg.max_params is not None and n > cfg.max_params:
         raise BudgetError(f"model has {n:,} parameters, over the budget of {cfg.max_params:,} "

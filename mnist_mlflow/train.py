@@ -48,7 +48,7 @@ class TrainResult:
     device: str = "cpu"
 
 
-EpochCallback = Callable[[EpochMetrics], None]
+EpochCallback = Callable[[EpochMetrics], Optional[bool]]  # True: stop after this epoch
 CheckpointCallback = Callable[[dict], None]
 
 
@@ -142,6 +142,7 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
 
     `on_checkpoint` gets the state after every epoch, before `on_epoch_end`; `resume_from`
     (such a state) continues from the epoch after it, to the same result as an uninterrupted run.
+    An `on_epoch_end` that returns True ends training after that epoch (the schedule is unchanged).
     """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -161,6 +162,8 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
         result.history = restore_checkpoint(resume_from, model, opt, sched, gen)
         first = resume_from["epoch"] + 1
 
+    # bf16 forward passes (weights, gradients and optimizer state stay fp32); evaluation is fp32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     bar = tqdm(range(first, cfg.optim.epochs + 1), desc=cfg.stage, unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -173,7 +176,8 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
             idx = order[i * bs:(i + 1) * bs]
             xb = augment_batch(train_x[idx].float(), cfg.augment, gen)
             yb = train_y[idx]
-            logits = model(xb)
+            with autocast:
+                logits = model(xb).float()
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,6 +199,6 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
         bar.set_postfix(train=f"{metrics.train_accuracy:.2f}", test=f"{test_acc:.2f}")
         if on_checkpoint is not None:
             on_checkpoint(make_checkpoint(epoch, model, opt, sched, gen, result.history))
-        if on_epoch_end is not None:
-            on_epoch_end(metrics)
+        if on_epoch_end is not None and on_epoch_end(metrics):
+            break
     return result

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mnist_mlflow.config import ModelConfig
-from mnist_mlflow.models import (BudgetError, TinyNet, build_model, count_params, format_summary,
+from mnist_mlflow.models import (BudgetError, TinyNet, WordMaskDropout, build_model, count_params,
+                                 format_summary,
                                  layer_summary, param_count_of)
 
 
@@ -37,3 +38,41 @@ def test_receptive_field_against_a_hand_computed_case():
 def test_normalization_lives_inside_the_model():
     model = TinyNet()
     assert {"features.0.mean", "features.0.std"} <= set(model.state_dict())
+
+
+def test_word_mask_dropout_drops_at_rate_p_scales_and_routes_gradients():
+    drop = WordMaskDropout(0.05).train()
+    x = torch.ones(64, 16, 24, 24, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    dropped = (y == 0).float()
+    assert abs(dropped.mean().item() - 0.049988) < 0.002  # about 590k draws
+    # every 16-bit lane of a word is used: no position in the groups of four is starved
+    lanes = dropped.flatten().view(-1, 4).mean(0)
+    assert torch.all((lanes - 0.05).abs() < 0.004), lanes
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - 1638 / 2**15)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient = mask * scale
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_word_mask_dropout_follows_the_torch_seed():
+    drop = WordMaskDropout(0.05).train()
+    x = torch.ones(4, 9, 26, 26)
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, drop(x))
+    assert not torch.equal(a, drop(x))
+
+
+def test_lean_net_keeps_the_receptive_field_with_fewer_multiply_adds():
+    lean = build_model(ModelConfig(arch="lean", width1=8, width2=16, dropout_mask="words16"))
+    # convs 72+576+1152+2304+2304, BN 2*(8+8+16+16+16), head 160+10
+    assert count_params(lean) == 6408 + 128 + 170 == 6706
+    rows = layer_summary(lean)
+    assert rows[-1].output_shape == (10,)
+    rf = {r.name: r.receptive_field for r in rows}
+    assert [rf[f"features.{i}.0"] for i in (1, 2, 4, 5, 6)] == [3, 5, 10, 14, 18]
+    assert sum(isinstance(m, WordMaskDropout) for m in lean.modules()) == 5

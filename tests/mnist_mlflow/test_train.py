@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import torch
+
 from mnist_mlflow import config as C
 from mnist_mlflow.data import make_splits
 from mnist_mlflow.evaluation import hold_summary
@@ -22,6 +24,21 @@ def test_same_seed_gives_identical_metrics(mnist, tiny_config):
     a = fit(cfg, splits, progress=False).history[0]
     b = fit(cfg, splits, progress=False).history[0]
     assert (a.train_loss, a.test_accuracy, a.val_accuracy) == (b.train_loss, b.test_accuracy, b.val_accuracy)
+
+
+def test_bf16_lean_words16_trains_and_keeps_fp32_weights(mnist, tiny_config):
+    cfg = C.replace(tiny_config, {"precision": "bf16", "model.arch": "lean", "model.width1": 8,
+                                  "model.dropout_mask": "words16"})
+    result = fit(cfg, make_splits(mnist, train_limit=2000, test_limit=500), progress=False)
+    assert result.history[-1].test_accuracy > 80.0
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+
+
+def test_epoch_callback_returning_true_stops_training(mnist, tiny_config):
+    cfg = C.replace(tiny_config, {"optim.epochs": 3})
+    result = fit(cfg, make_splits(mnist, train_limit=300, test_limit=100),
+                 on_epoch_end=lambda m: m.epoch == 1, progress=False)
+    assert [m.epoch for m in result.history] == [1]
 
 
 def test_hold_summary_finds_first_four_epoch_hold():

@@ -1,0 +1,226 @@
+"""Time to target: seconds from a run's start (data load included) to the epoch at which its
+4-epoch hold of >= 99.4 % test accuracy completes, for several pipelines side by side in one process.
+
+Every variant trains with the stage-3 recipe (rotation +-6.9 deg, Adam + OneCycle, batch 128,
+`optim.epochs` epochs) and stops at its hold or at the last epoch:
+
+  baseline  the notebook pipeline: per-sample Dataset + v2.RandomRotation + DataLoader,
+            TinyNet (9/16 channels) with nn.Dropout, test set through a DataLoader
+  tensors   the project's pipeline (uint8 tensors in memory, whole-batch rotation), same TinyNet
+  words16   + WordMaskDropout (four mask entries per random word)
+  lean      + LeanNet (thin full-resolution block): experiments/stage3.yaml as it is
+
+Prints a table (s/epoch, epochs to hold, time to hold, training GFLOP per image from
+torch.utils.flop_counter, achieved GFLOP/s) and logs one MLflow run with a child per variant.
+
+    python -m benchmarks.time_to_hold                      # all four, about 20 min on 2 cores
+    python -m benchmarks.time_to_hold --variants lean,baseline --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms import v2
+
+from mnist_mlflow import config as C
+from mnist_mlflow.data import load_mnist, make_splits
+from mnist_mlflow.evaluation import hold_summary
+from mnist_mlflow.models import build_model, count_params
+from mnist_mlflow.train import fit, make_optimizer, make_scheduler, seed_everything
+from tracking.runs import tracked_run
+
+STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
+NOTEBOOK_MODEL = {"model.arch": "tiny", "model.width1": 9, "model.width2": 16,
+                  "model.dropout_mask": "bernoulli"}
+VARIANTS = {  # name -> (description, config overrides)
+    "baseline": ("DataLoader, per-sample v2.RandomRotation, TinyNet, nn.Dropout", NOTEBOOK_MODEL),
+    "tensors": ("in-memory tensors, batched rotation, TinyNet, nn.Dropout", NOTEBOOK_MODEL),
+    "words16": ("+ WordMaskDropout", {**NOTEBOOK_MODEL, "model.dropout_mask": "words16"}),
+    "lean": ("+ LeanNet: experiments/stage3.yaml", {}),
+}
+
+
+@dataclass
+class Outcome:
+    name: str
+    params: int
+    accuracies: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    elapsed: list[float] = field(default_factory=list)  # since the start, data load included
+    train_gflop_per_image: float = 0.0
+
+    def hold(self, cfg: C.RunConfig):
+        return hold_summary(self.accuracies, cfg.target.accuracy, cfg.target.hold)
+
+    def time_to_hold(self, cfg: C.RunConfig) -> float | None:
+        h = self.hold(cfg)
+        return self.elapsed[h.target_reached_epoch - 1] if h.target_reached_epoch else None
+
+
+def train_gflop_per_image(cfg: C.RunConfig) -> float:
+    """Multiply-adds x 2 of one forward and backward pass (convolutions and matmuls)."""
+    model, batch = build_model(cfg.model), 128
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(torch.zeros(batch, 1, 28, 28)), torch.zeros(batch, dtype=torch.long)).backward()
+    return counter.get_total_flops() / batch / 1e9
+
+
+class PerSampleMnist(Dataset):
+    """The classic notebook pipeline: one image at a time through torchvision transforms."""
+
+    def __init__(self, images, labels, degrees: float):
+        self.images, self.labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
+        self.transform = v2.Compose([v2.RandomRotation(degrees), v2.ToDtype(torch.float32)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def run_baseline(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
+    splits = make_splits(load_mnist(), train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model)
+    train = DataLoader(PerSampleMnist(splits.train_x, splits.train_y, cfg.augment.rotation_degrees),
+                       batch_size=cfg.optim.batch_size, shuffle=True)
+    test = DataLoader(PerSampleMnist(splits.test_x, splits.test_y, 0.0), batch_size=1000)
+    opt = make_optimizer(model, cfg)
+    sched, per_batch = make_scheduler(opt, cfg, len(train))
+    for _ in range(cfg.optim.epochs):
+        start = time.perf_counter()
+        model.train()
+        for xb, yb in train:
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if per_batch:
+                sched.step()
+        model.eval()
+        with torch.no_grad():
+            correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in test)
+        if record(out, cfg, 100.0 * correct / len(splits.test_y), start, t0):
+            return
+
+
+def run_project(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
+    splits = make_splits(load_mnist(), train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit)
+    starts = [time.perf_counter()]
+
+    def on_epoch(m) -> bool:
+        stop = record(out, cfg, m.test_accuracy, starts[-1], t0)
+        starts.append(time.perf_counter())
+        return stop
+
+    fit(cfg, splits, on_epoch_end=on_epoch, progress=False)
+
+
+def record(out: Outcome, cfg: C.RunConfig, accuracy: float, start: float, t0: float) -> bool:
+    """Notes one epoch; True once the hold is complete."""
+    now = time.perf_counter()
+    out.accuracies.append(accuracy)
+    out.epoch_seconds.append(now - start)
+    out.elapsed.append(now - t0)
+    print(f"  {out.name:<9} epoch {len(out.accuracies):2d}  test {accuracy:6.2f} %  "
+          f"{now - start:5.1f} s  elapsed {now - t0:6.1f} s", flush=True)
+    return out.hold(cfg).target_reached_epoch is not None
+
+
+def measure(name: str, base: C.RunConfig) -> tuple[C.RunConfig, Outcome]:
+    cfg = C.replace(base, VARIANTS[name][1])
+    out = Outcome(name, count_params(build_model(cfg.model)), train_gflop_per_image=train_gflop_per_image(cfg))
+    t0 = time.perf_counter()
+    (run_baseline if name == "baseline" else run_project)(cfg, out, t0)
+    return cfg, out
+
+
+def table(results: list[tuple[C.RunConfig, Outcome]], n_train: int) -> str:
+    lines = [f"{'variant':<9} {'params':>6} {'s/epoch':>8} {'epochs to hold':>15} {'time to hold':>13} "
+             f"{'GFLOP/img':>10} {'GFLOP/s':>8}  pipeline"]
+    for cfg, o in results:
+        per_epoch = sum(o.epoch_seconds) / len(o.epoch_seconds)
+        h, t = o.hold(cfg), o.time_to_hold(cfg)
+        held = f"{h.target_reached_epoch}" if t else f"not in {len(o.accuracies)}"
+        gflops = o.train_gflop_per_image * n_train / per_epoch
+        lines.append(f"{o.name:<9} {o.params:>6,} {per_epoch:>8.1f} {held:>15} "
+                     f"{(f'{t:.0f} s' if t else '-'):>13} {o.train_gflop_per_image * 1e3:>9.2f}M "
+                     f"{gflops:>8.1f}  {VARIANTS[o.name][0]}")
+    base = {o.name: o for _, o in results}
+    if "baseline" in base:
+        b = sum(base["baseline"].epoch_seconds) / len(base["baseline"].epoch_seconds)
+        for cfg, o in results:
+            if o.name != "baseline":
+                lines.append(f"speed per epoch, {o.name} vs baseline: "
+                             f"{b / (sum(o.epoch_seconds) / len(o.epoch_seconds)):.2f}x")
+    return "\n".join(lines)
+
+
+def log(results, text: str, args) -> None:
+    with tracked_run(run_name="benchmark-time-to-hold") as parent:  # adopts `mlflow run`'s run
+        mlflow.set_tag("benchmark", "time_to_hold")
+        mlflow.log_params({"variants": ",".join(o.name for _, o in results), "epochs": args.epochs,
+                           "train_limit": args.train_limit, "torch_threads": torch.get_num_threads()})
+        mlflow.log_text(text, "time_to_hold.txt")
+        for cfg, o in results:
+            with tracked_run(run_name=f"benchmark-{o.name}", nested=True):
+                mlflow.log_params({"variant": o.name, "pipeline": VARIANTS[o.name][0], "params": o.params,
+                                   **C.flatten(cfg)})
+                for epoch, (acc, sec, el) in enumerate(zip(o.accuracies, o.epoch_seconds, o.elapsed), 1):
+                    mlflow.log_metrics({"test_accuracy": acc, "epoch_seconds": sec, "elapsed_seconds": el},
+                                       step=epoch)
+                h, t = o.hold(cfg), o.time_to_hold(cfg)
+                summary = {"s_per_epoch": sum(o.epoch_seconds) / len(o.epoch_seconds),
+                           "train_gflop_per_image": o.train_gflop_per_image, "held": float(t is not None)}
+                if t is not None:
+                    summary |= {"time_to_hold_s": t, "epochs_to_hold": h.target_reached_epoch}
+                mlflow.log_metrics(summary)
+        print(f"logged to MLflow run {parent.info.run_id} ({mlflow.get_tracking_uri()})")
+
+
+def optional_int(value: str) -> int | None:
+    return int(value) if value.strip() else None  # `mlflow run` passes unset parameters as ""
+
+
+def main(argv=None) -> list[tuple[C.RunConfig, Outcome]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="baseline,tensors,words16,lean",
+                   help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--epochs", type=optional_int, default=None, help="at most this many (default: stage 3's)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--train-limit", type=optional_int, default=None, help="default: all 60,000 images")
+    p.add_argument("--test-limit", type=optional_int, default=None, help="default: all 10,000 images")
+    p.add_argument("--no-track", action="store_true", help="print only, log nothing to MLflow")
+    args = p.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        p.error(f"--variants {args.variants!r}: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    overrides = {"seed": args.seed, "device": "cpu", "data.train_limit": args.train_limit,
+                 "data.test_limit": args.test_limit}
+    if args.epochs is not None:
+        overrides["optim.epochs"] = args.epochs
+    base = C.load(STAGE3, overrides)
+    args.epochs = base.optim.epochs
+    print(f"torch threads {torch.get_num_threads()}, seed {args.seed}, at most {args.epochs} epochs, "
+          f"stop at a {base.target.hold}-epoch hold of >= {base.target.accuracy} %")
+    results = [measure(name, base) for name in names]
+    text = table(results, base.data.train_limit or 60000)
+    print(text)
+    if not args.no_track:
+        log(results, text, args)
+    return results
+
+
+if __name__ == "__main__":
+    main()
