@@ -1,20 +1,23 @@
 """Time to target: seconds from a run's start (data load included) to the epoch at which its
 4-epoch hold of >= 99.4 % test accuracy completes, for several pipelines side by side in one process.
 
-Every variant trains with the stage-3 recipe (rotation +-6.9 deg, Adam + OneCycle, batch 128,
-`optim.epochs` epochs) and stops at its hold or at the last epoch:
+Each variant trains with rotation +-6.9 deg, Adam + OneCycle and batch 128, and stops at its hold
+or at its last epoch:
 
-  baseline  the notebook pipeline: per-sample Dataset + v2.RandomRotation + DataLoader,
-            TinyNet (9/16 channels) with nn.Dropout, test set through a DataLoader
-  tensors   the project's pipeline (uint8 tensors in memory, whole-batch rotation), same TinyNet
+  notebook  the notebook pipeline: per-sample Dataset + v2.RandomRotation + DataLoader, the
+            stage-3 model before the speed work (TinyNet 9/16, nn.Dropout, 15 epochs), test set
+            through a DataLoader
+  baseline  the same DataLoader pipeline with the stage-3 model of experiments/stage3.yaml
+  tensors   the project's pipeline (uint8 tensors in memory, whole-batch rotation), old model
   words16   + WordMaskDropout (four mask entries per random word)
-  lean      + LeanNet (thin full-resolution block): experiments/stage3.yaml as it is
+  clconv    + ChannelsLastConv2d (oneDNN convolutions channels-last, BatchNorm NCHW)
+  lean      experiments/stage3.yaml as it is: + LeanNet (thin full-resolution block), bf16
 
 Prints a table (s/epoch, epochs to hold, time to hold, training GFLOP per image from
 torch.utils.flop_counter, achieved GFLOP/s) and logs one MLflow run with a child per variant.
 
-    python -m benchmarks.time_to_hold                      # all four, about 20 min on 2 cores
-    python -m benchmarks.time_to_hold --variants lean,baseline --epochs 2
+    python -m benchmarks.time_to_hold                      # notebook,baseline,tensors,lean
+    python -m benchmarks.time_to_hold --variants tensors,words16,clconv,lean --epochs 2
 """
 
 from __future__ import annotations
@@ -39,14 +42,19 @@ from mnist_mlflow.train import fit, make_optimizer, make_scheduler, seed_everyth
 from tracking.runs import tracked_run
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
-NOTEBOOK_MODEL = {"model.arch": "tiny", "model.width1": 9, "model.width2": 16,
-                  "model.dropout_mask": "bernoulli"}
-VARIANTS = {  # name -> (description, config overrides)
-    "baseline": ("DataLoader, per-sample v2.RandomRotation, TinyNet, nn.Dropout", NOTEBOOK_MODEL),
-    "tensors": ("in-memory tensors, batched rotation, TinyNet, nn.Dropout", NOTEBOOK_MODEL),
-    "words16": ("+ WordMaskDropout", {**NOTEBOOK_MODEL, "model.dropout_mask": "words16"}),
-    "lean": ("+ LeanNet: experiments/stage3.yaml", {}),
+# the stage-3 model and recipe before the speed work (7,759 parameters, held at epochs 13-15)
+BEFORE = {"model.arch": "tiny", "model.width1": 9, "model.width2": 16, "model.dropout_mask": "bernoulli",
+          "model.channels_last_conv": False, "precision": "fp32", "optim.epochs": 15}
+VARIANTS = {  # name -> (pipeline, config overrides of experiments/stage3.yaml, description)
+    "notebook": ("loader", BEFORE, "DataLoader + per-sample v2.RandomRotation, TinyNet, nn.Dropout"),
+    "baseline": ("loader", {}, "DataLoader + per-sample v2.RandomRotation, the stage-3 model"),
+    "tensors": ("tensors", BEFORE, "in-memory uint8 tensors + whole-batch rotation, TinyNet"),
+    "words16": ("tensors", {**BEFORE, "model.dropout_mask": "words16"}, "+ WordMaskDropout"),
+    "clconv": ("tensors", {**BEFORE, "model.dropout_mask": "words16", "model.channels_last_conv": True},
+               "+ ChannelsLastConv2d"),
+    "lean": ("tensors", {}, "experiments/stage3.yaml: + LeanNet, bf16, 10 epochs"),
 }
+DEFAULT_VARIANTS = "notebook,baseline,tensors,lean"
 
 
 @dataclass
@@ -88,7 +96,7 @@ class PerSampleMnist(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def run_baseline(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
+def run_loader(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
     splits = make_splits(load_mnist(), train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit)
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
@@ -97,11 +105,14 @@ def run_baseline(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
     test = DataLoader(PerSampleMnist(splits.test_x, splits.test_y, 0.0), batch_size=1000)
     opt = make_optimizer(model, cfg)
     sched, per_batch = make_scheduler(opt, cfg, len(train))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     for _ in range(cfg.optim.epochs):
         start = time.perf_counter()
         model.train()
         for xb, yb in train:
-            loss = F.cross_entropy(model(xb), yb)
+            with autocast:
+                logits = model(xb).float()
+            loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -137,11 +148,12 @@ def record(out: Outcome, cfg: C.RunConfig, accuracy: float, start: float, t0: fl
     return out.hold(cfg).target_reached_epoch is not None
 
 
-def measure(name: str, base: C.RunConfig) -> tuple[C.RunConfig, Outcome]:
-    cfg = C.replace(base, VARIANTS[name][1])
+def measure(name: str, base: C.RunConfig, forced: dict) -> tuple[C.RunConfig, Outcome]:
+    pipeline, overrides, _ = VARIANTS[name]
+    cfg = C.replace(base, {**overrides, **forced})
     out = Outcome(name, count_params(build_model(cfg.model)), train_gflop_per_image=train_gflop_per_image(cfg))
     t0 = time.perf_counter()
-    (run_baseline if name == "baseline" else run_project)(cfg, out, t0)
+    (run_loader if pipeline == "loader" else run_project)(cfg, out, t0)
     return cfg, out
 
 
@@ -155,26 +167,26 @@ def table(results: list[tuple[C.RunConfig, Outcome]], n_train: int) -> str:
         gflops = o.train_gflop_per_image * n_train / per_epoch
         lines.append(f"{o.name:<9} {o.params:>6,} {per_epoch:>8.1f} {held:>15} "
                      f"{(f'{t:.0f} s' if t else '-'):>13} {o.train_gflop_per_image * 1e3:>9.2f}M "
-                     f"{gflops:>8.1f}  {VARIANTS[o.name][0]}")
-    base = {o.name: o for _, o in results}
-    if "baseline" in base:
-        b = sum(base["baseline"].epoch_seconds) / len(base["baseline"].epoch_seconds)
-        for cfg, o in results:
-            if o.name != "baseline":
-                lines.append(f"speed per epoch, {o.name} vs baseline: "
-                             f"{b / (sum(o.epoch_seconds) / len(o.epoch_seconds)):.2f}x")
+                     f"{gflops:>8.1f}  {VARIANTS[o.name][2]}")
+    per_epoch = {o.name: sum(o.epoch_seconds) / len(o.epoch_seconds) for _, o in results}
+    for ref in ("notebook", "baseline"):
+        others = [name for name in per_epoch if name not in ("notebook", "baseline")]
+        if ref in per_epoch and others:
+            lines.append(f"speed per epoch vs {ref}: " + ", ".join(
+                f"{name} {per_epoch[ref] / per_epoch[name]:.2f}x" for name in others))
     return "\n".join(lines)
 
 
 def log(results, text: str, args) -> None:
     with tracked_run(run_name="benchmark-time-to-hold") as parent:  # adopts `mlflow run`'s run
         mlflow.set_tag("benchmark", "time_to_hold")
-        mlflow.log_params({"variants": ",".join(o.name for _, o in results), "epochs": args.epochs,
+        mlflow.log_params({"variants": ",".join(o.name for _, o in results), "epochs": args.epochs or "",
                            "train_limit": args.train_limit, "torch_threads": torch.get_num_threads()})
         mlflow.log_text(text, "time_to_hold.txt")
         for cfg, o in results:
             with tracked_run(run_name=f"benchmark-{o.name}", nested=True):
-                mlflow.log_params({"variant": o.name, "pipeline": VARIANTS[o.name][0], "params": o.params,
+                mlflow.log_params({"variant": o.name, "pipeline": VARIANTS[o.name][0],
+                                   "description": VARIANTS[o.name][2], "params": o.params,
                                    **C.flatten(cfg)})
                 for epoch, (acc, sec, el) in enumerate(zip(o.accuracies, o.epoch_seconds, o.elapsed), 1):
                     mlflow.log_metrics({"test_accuracy": acc, "epoch_seconds": sec, "elapsed_seconds": el},
@@ -194,9 +206,10 @@ def optional_int(value: str) -> int | None:
 
 def main(argv=None) -> list[tuple[C.RunConfig, Outcome]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="baseline,tensors,words16,lean",
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--epochs", type=optional_int, default=None, help="at most this many (default: stage 3's)")
+    p.add_argument("--epochs", type=optional_int, default=None,
+                   help="every variant's optim.epochs (default: its own, 15 before, stage 3's after)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--train-limit", type=optional_int, default=None, help="default: all 60,000 images")
     p.add_argument("--test-limit", type=optional_int, default=None, help="default: all 10,000 images")
@@ -206,15 +219,14 @@ def main(argv=None) -> list[tuple[C.RunConfig, Outcome]]:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
         p.error(f"--variants {args.variants!r}: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
-    overrides = {"seed": args.seed, "device": "cpu", "data.train_limit": args.train_limit,
-                 "data.test_limit": args.test_limit}
+    forced = {"seed": args.seed, "device": "cpu", "data.train_limit": args.train_limit,
+              "data.test_limit": args.test_limit}
     if args.epochs is not None:
-        overrides["optim.epochs"] = args.epochs
-    base = C.load(STAGE3, overrides)
-    args.epochs = base.optim.epochs
-    print(f"torch threads {torch.get_num_threads()}, seed {args.seed}, at most {args.epochs} epochs, "
-          f"stop at a {base.target.hold}-epoch hold of >= {base.target.accuracy} %")
-    results = [measure(name, base) for name in names]
+        forced["optim.epochs"] = args.epochs
+    base = C.load(STAGE3)
+    print(f"torch threads {torch.get_num_threads()}, seed {args.seed}, stop at a {base.target.hold}-epoch "
+          f"hold of >= {base.target.accuracy} %")
+    results = [measure(name, base, forced) for name in names]
     text = table(results, base.data.train_limit or 60000)
     print(text)
     if not args.no_track:

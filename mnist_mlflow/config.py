@@ -36,6 +36,7 @@ class ModelConfig:
     width2: int = 16  # channels of the convolutions after the pooling
     dropout: float = 0.05
     dropout_mask: Literal["bernoulli", "words16"] = "bernoulli"  # see models.WordMaskDropout
+    channels_last_conv: bool = False  # see models.ChannelsLastConv2d
     max_params: Optional[int] = 8000  # hard budget, checked when the model is built
 
 

@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from mnist_mlflow.config import ModelConfig
-from mnist_mlflow.models import (BudgetError, TinyNet, WordMaskDropout, build_model, count_params,
-                                 format_summary,
-                                 layer_summary, param_count_of)
+from mnist_mlflow.models import (BudgetError, ChannelsLastConv2d, TinyNet, WordMaskDropout, build_model,
+                                 count_params, format_summary, layer_summary, param_count_of)
 
 
 def test_param_count_matches_a_hand_count():
@@ -76,3 +75,19 @@ def test_lean_net_keeps_the_receptive_field_with_fewer_multiply_adds():
     rf = {r.name: r.receptive_field for r in rows}
     assert [rf[f"features.{i}.0"] for i in (1, 2, 4, 5, 6)] == [3, 5, 10, 14, 18]
     assert sum(isinstance(m, WordMaskDropout) for m in lean.modules()) == 5
+
+
+def test_channels_last_conv_matches_conv2d_in_values_gradients_and_layout():
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(9, 17, 3, bias=False)
+    fast = ChannelsLastConv2d(9, 17, 3, bias=False)
+    fast.load_state_dict(plain.state_dict())
+    x1 = torch.randn(4, 9, 26, 26, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = plain(x1), fast(x2)
+    assert y2.is_contiguous() and torch.allclose(y1, y2, atol=1e-5)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert x2.grad.is_contiguous() and torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(plain.weight.grad, fast.weight.grad, atol=1e-4)
