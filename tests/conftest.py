@@ -31,7 +31,8 @@ def tiny_config() -> C.RunConfig:
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite store per test; subprocesses inherit it through the environment."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(tmp_path)  # artifacts of a SQLite store land in ./mlruns    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # artifacts of a SQLite store land in ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(uri)
