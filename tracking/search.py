@@ -7,6 +7,10 @@ share of the trials; their child runs carry the parent's id in the `mlflow.paren
 which is all MLflow needs to nest them. The study lives in Optuna storage (SQLite by
 default), so running the same command again resumes it: completed trials are kept and
 never repeated, and a trial interrupted by Ctrl-C or SIGTERM is queued to run again first.
+
+With ``--study-trials N`` the search is shared: the same command on several machines (one
+PostgreSQL storage, one tracking server) joins one study and one parent run, and the workers
+together finish exactly N trials, retrying those of a worker that died (tracking/search_shared.py).
 """
 
 from __future__ import annotations
@@ -15,21 +19,23 @@ import argparse
 import multiprocessing
 import os
 import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 import mlflow
 import optuna
 import sqlalchemy.exc
+from mlflow.entities import Param as MlflowParam
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist, load_mnist
-from tracking import runs, search_report
+from tracking import runs, search_report, search_shared, search_study
 from tracking.search_objective import Objective, TrialContext
 from tracking.search_space import SearchSpec, load_search, make_pruner, make_sampler
-from tracking.search_study import (open_storage, open_study, redact, requeue_interrupted,
-                                  sampler_seed)
+from tracking.search_study import (HEARTBEAT_S, open_storage, open_study, redact,
+                                  requeue_interrupted, sampler_seed)
 from tracking.stage import use_experiment
 
 DEFAULT_CONFIG = "experiments/search.yaml"
@@ -51,6 +57,8 @@ class Options:
     test_limit: Optional[int] = None
     experiment: str = ""
     overrides: tuple[str, ...] = ()
+    study_trials: Optional[int] = None  # shared search: finished trials of the whole study
+    heartbeat: Optional[int] = None  # seconds; None: HEARTBEAT_S
 
 
 @dataclass(frozen=True)
@@ -60,13 +68,15 @@ class WorkerJob:
     spec: SearchSpec
     storage: str
     study_name: str
-    n_trials: int
+    n_trials: Optional[int]  # this worker's share; None in a shared search
     timeout: Optional[float]
     sampler_seed: int
     parent_run_id: str
     experiment_id: str
     tracking_uri: str
     threads: int
+    quota: Optional[int] = None  # shared search: the study's finished trials to reach
+    heartbeat: int = HEARTBEAT_S
 
 
 @dataclass
@@ -85,13 +95,19 @@ def shares(n_trials: int, workers: int) -> list[int]:
 
 def optimize(job: WorkerJob, mnist: Mnist | None = None) -> None:
     """One worker's loop; a trial that raises is FAIL and the loop goes on (catch=Exception)."""
-    study = optuna.load_study(study_name=job.study_name, storage=open_storage(job.storage),
+    study = optuna.load_study(study_name=job.study_name,
+                              storage=open_storage(job.storage, job.heartbeat),
                               sampler=make_sampler(job.spec.settings, job.sampler_seed),
                               pruner=make_pruner(job.spec.settings.pruner))
     ctx = TrialContext(job.spec, job.study_name, job.parent_run_id, job.experiment_id,
-                       mnist or load_mnist(job.spec.base.data.data_dir))
-    study.optimize(Objective(ctx), n_trials=job.n_trials, timeout=job.timeout,
-                   catch=(Exception,), gc_after_trial=True)
+                       mnist or load_mnist(job.spec.base.data.data_dir),
+                       search_shared.worker_name(), job.quota)
+    if job.quota is not None:
+        search_shared.optimize_to_quota(study, Objective(ctx), job.quota, job.timeout,
+                                        poll_s=min(5, job.heartbeat))
+    else:
+        study.optimize(Objective(ctx), n_trials=job.n_trials, timeout=job.timeout,
+                       catch=(Exception,), gc_after_trial=True)
 
 
 def worker_main(job: WorkerJob) -> None:
@@ -146,45 +162,107 @@ def resolve(opts: Options) -> tuple[SearchSpec, dict]:
     plan = {"n_trials": opts.n_trials or s.n_trials, "storage": opts.storage or s.storage,
             "study_name": opts.study_name or s.study_name, "timeout": opts.timeout,
             "workers": opts.workers,
-            "seed": opts.seed if opts.seed is not None else s.sampler.get("seed", 0)}
+            "seed": opts.seed if opts.seed is not None else s.sampler.get("seed", 0),
+            "study_trials": opts.study_trials, "heartbeat": opts.heartbeat or HEARTBEAT_S}
     if plan["workers"] < 1:
         raise C.ConfigError(f"--workers={plan['workers']} is not allowed: 1 or more")
+    if opts.study_trials is not None:
+        if opts.n_trials is not None:
+            raise C.ConfigError("give --n-trials (trials of this invocation) or --study-trials "
+                                "(finished trials of the whole shared study), not both")
+        if plan["storage"].startswith("journal:"):
+            raise C.ConfigError("--study-trials needs a database storage with heartbeats "
+                                "(postgresql://... for several machines, sqlite:///... for one), "
+                                f"not {plan['storage']!r}")
+        if os.environ.get("MLFLOW_RUN_ID"):
+            raise C.ConfigError("--study-trials joins the study's own parent run: start shared "
+                                "workers with python -m tracking.search, not inside `mlflow run`")
     return spec, plan
 
 
 def run_search(opts: Options, mnist: Mnist | None = None) -> SearchResult:
     """Runs one invocation of the search; see the module docstring."""
     spec, plan = resolve(opts)
-    storage = open_storage(plan["storage"])
+    if plan["study_trials"] is not None:
+        return run_shared(opts, spec, plan, mnist)
+    storage = open_storage(plan["storage"], plan["heartbeat"])
     study = open_study(spec, storage, plan["study_name"])
     mnist = mnist or load_mnist(spec.base.data.data_dir)  # fails now, not in every worker
     use_experiment(opts.experiment)
     queued = requeue_interrupted(study)
     n_existing = len(study.get_trials(deepcopy=False))
     with runs.tracked_run(run_name=f"search-{plan['study_name']}",
-                          tags={"stage": spec.base.stage, "search_role": "parent",
-                                "optuna.study_name": plan["study_name"],
-                                "optuna.storage": redact(plan["storage"])}) as parent:
-        log_search_params(spec, plan, queued)
+                          tags=parent_tags(spec, plan)) as parent:
+        log_search_params(spec, plan, queued, parent.info.run_id)
         jobs = make_jobs(spec, plan, parent.info.run_id, parent.info.experiment_id, n_existing)
         try:
-            if len(jobs) == 1:
-                optimize(jobs[0], mnist)
-            else:
-                run_processes(jobs)
+            run_jobs(jobs, mnist)
         except BaseException:  # a failed worker or Ctrl-C: the parent still shows what was done
-            summarize_quietly(spec, plan, storage)
+            summarize_quietly(spec, plan, storage, parent.info.run_id)
             raise
         study = optuna.load_study(study_name=plan["study_name"], storage=storage)
-        best = search_report.log_summary(study, spec)
+        best = search_report.log_summary(study, spec, parent.info.run_id)
     return SearchResult(parent.info.run_id, study, best, search_report.counts(study))
 
 
-def summarize_quietly(spec: SearchSpec, plan: dict, storage: optuna.storages.BaseStorage) -> None:
+def run_shared(opts: Options, spec: SearchSpec, plan: dict, mnist: Mnist | None) -> SearchResult:
+    """One worker of a shared search: joins the study and its parent run (see search_shared)."""
+    storage = open_storage(plan["storage"], plan["heartbeat"])
+    mnist = mnist or load_mnist(spec.base.data.data_dir)
+    experiment_id = use_experiment(opts.experiment)
+    study, created = search_study.create_or_load(storage, plan["study_name"])
+    search_study.check_settings(spec, study)
+    client = mlflow.MlflowClient()
+
+    def create_parent() -> tuple[str, str]:
+        run = client.create_run(experiment_id, run_name=f"search-{plan['study_name']}",
+                                tags=parent_tags(spec, plan))
+        log_search_params(spec, plan, [], run.info.run_id)  # the creator's settings
+        return run.info.run_id, experiment_id
+
+    parent_id, experiment_id = search_shared.join_parent(study, storage, created, create_parent)
+    search_shared.check_parent(parent_id)
+    mlflow.set_experiment(experiment_id=experiment_id)  # the parent's, whatever --experiment says
+    client.update_run(parent_id, status="RUNNING")  # it may have ended before this worker joined
+    jobs = make_jobs(spec, plan, parent_id, experiment_id, len(study.get_trials(deepcopy=False)))
+    status = "FINISHED"
+    try:
+        run_jobs(jobs, mnist)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            search_shared.end_parent(study, parent_id, status,
+                                     lambda s: search_report.log_summary(s, spec, parent_id))
+        except Exception as exc:  # noqa: BLE001 - never hide the search's own outcome
+            print(f"warning: could not log the search summary: {exc!r}", file=sys.stderr)
+    study = optuna.load_study(study_name=plan["study_name"], storage=storage)
+    return SearchResult(parent_id, study, search_report.best_trial(study),
+                        search_report.counts(study))
+
+
+def run_jobs(jobs: list[WorkerJob], mnist: Mnist | None) -> None:
+    if len(jobs) == 1:
+        optimize(jobs[0], mnist)
+    else:
+        run_processes(jobs)
+
+
+def parent_tags(spec: SearchSpec, plan: dict) -> dict[str, str]:
+    return {"stage": spec.base.stage, "search_role": "parent",
+            "optuna.study_name": plan["study_name"], "optuna.storage": redact(plan["storage"])}
+
+
+def summarize_quietly(spec: SearchSpec, plan: dict, storage: optuna.storages.BaseStorage,
+                      run_id: str) -> None:
     """The summary on the way out of an error: its own failure must not hide that error."""
     try:
         study = optuna.load_study(study_name=plan["study_name"], storage=storage)
-        search_report.log_summary(study, spec)
+        search_report.log_summary(study, spec, run_id)
     except Exception as exc:  # noqa: BLE001
         print(f"warning: could not log the search summary: {exc!r}", file=sys.stderr)
 
@@ -192,25 +270,36 @@ def summarize_quietly(spec: SearchSpec, plan: dict, storage: optuna.storages.Bas
 def make_jobs(spec: SearchSpec, plan: dict, parent_run_id: str, experiment_id: str,
               n_existing: int) -> list[WorkerJob]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    k = plan["workers"]
+    k, quota = plan["workers"], plan["study_trials"]
+    per_worker = [None] * k if quota is not None else shares(plan["n_trials"], k)
+    # Workers on other machines share seed and history: this machine and process tell them apart.
+    salt = zlib.crc32(search_shared.worker_name().encode()) if quota is not None else 0
     return [WorkerJob(spec, plan["storage"], plan["study_name"], n, plan["timeout"],
-                      sampler_seed(plan["seed"], n_existing, i), parent_run_id, experiment_id,
-                      mlflow.get_tracking_uri(), max(1, (cores or 1) // k))
-            for i, n in enumerate(shares(plan["n_trials"], k)) if n > 0]
+                      sampler_seed(plan["seed"], n_existing, i, salt), parent_run_id,
+                      experiment_id, mlflow.get_tracking_uri(), max(1, (cores or 1) // k),
+                      quota, plan["heartbeat"])
+            for i, n in enumerate(per_worker) if n is None or n > 0]
 
 
-def log_search_params(spec: SearchSpec, plan: dict, queued: list[int]) -> None:
+def log_search_params(spec: SearchSpec, plan: dict, queued: list[int], run_id: str) -> None:
     # Prefixed: under `mlflow run` this run already holds the entry point's raw parameters.
     s = spec.settings
-    mlflow.log_params({
+    client = mlflow.MlflowClient()
+    params = {
         "search.config": spec.source, "search.study_name": plan["study_name"],
         "search.storage": redact(plan["storage"]), "search.n_trials": plan["n_trials"],
         "search.workers": plan["workers"], "search.seed": plan["seed"],
         "search.timeout": plan["timeout"], "search.epochs": spec.base.optim.epochs,
         "search.budget": spec.budget, "search.pruner": s.pruner,
         "search.objective": f"min val_accuracy over the last {s.objective_last_epochs} epochs",
-        "search.requeued_trials": queued})
-    mlflow.log_artifact(spec.source, "search")
+        "search.requeued_trials": queued}
+    if plan["study_trials"] is not None:
+        params.update({"search.study_trials": plan["study_trials"],
+                       "search.heartbeat_s": plan["heartbeat"]})
+        # per machine, not per search; and a shared search queues no Ctrl-C'd trial again
+        del params["search.n_trials"], params["search.workers"], params["search.requeued_trials"]
+    client.log_batch(run_id, params=[MlflowParam(k, str(v)) for k, v in params.items()])
+    client.log_artifact(run_id, spec.source, "search")
 
 
 # ---------------------------------------------------------------- CLI
@@ -233,6 +322,12 @@ def parse_args(argv: list[str] | None) -> Options:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
     p.add_argument("--n-trials", default="", help="trials in this invocation (default: the file's)")
+    p.add_argument("--study-trials", default="",
+                   help="shared search: run, with every worker started with the same study and "
+                        "storage, until the whole study has this many finished trials")
+    p.add_argument("--heartbeat", default="", help=f"seconds between a running trial's "
+                   f"heartbeats in database storage (default {HEARTBEAT_S}); a trial silent for "
+                   "3 heartbeats is failed and retried")
     p.add_argument("--epochs", default="", help="optim.epochs of every trial")
     p.add_argument("--storage", default="", help="sqlite:///optuna.db (the file's default), "
                                                  "journal:<file>, or any SQLAlchemy URL")
@@ -254,13 +349,16 @@ def parse_args(argv: list[str] | None) -> Options:
         workers=_number(int, "workers", a.workers, 1) or 1, seed=_number(int, "seed", a.seed, 0),
         train_limit=_number(int, "train-limit", a.train_limit, 1),
         test_limit=_number(int, "test-limit", a.test_limit, 1), experiment=a.experiment,
-        overrides=tuple(o for item in a.overrides for o in item.split()))
+        overrides=tuple(o for item in a.overrides for o in item.split()),
+        study_trials=_number(int, "study-trials", a.study_trials, 1),
+        heartbeat=_number(int, "heartbeat", a.heartbeat, 1))
 
 
 def print_result(r: SearchResult) -> None:
     c = r.counts
     print(f"study {r.study.study_name}: {c['complete']} complete, {c['pruned']} pruned, "
-          f"{c['rejected']} rejected (over budget), {c['failed']} failed")
+          f"{c['rejected']} rejected (over budget), {c['failed']} failed"
+          + (f", {c['surplus']} surplus" if c["surplus"] else ""))
     if r.best is not None:
         print(f"best trial {r.best.number}: objective {r.best.value:.2f}% "
               f"({r.best.user_attrs['num_params']:,} parameters)")

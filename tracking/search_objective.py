@@ -5,7 +5,10 @@ Every trial leaves a child run under the search's parent run, tagged ``trial_sta
     COMPLETE  run FINISHED, metric `objective`
     PRUNED    run KILLED: the pruner stopped it (its per-epoch metrics show where)
     REJECTED  run KILLED, never trained: over the parameter budget (tag `rejected_reason`)
-    FAIL      run FAILED, or KILLED when interrupted (tag `error`)
+    FAIL      run FAILED, or KILLED when interrupted (tag `error`); FAILED too when its
+              worker died (no heartbeat): the worker that notices closes it
+    SURPLUS   run KILLED, never trained: a shared search's worker started it after the study
+              already had its trials (a rare race between workers; the trial is FAIL)
 
 So FINISHED always means COMPLETE, and KILLED means "stopped on purpose". `run_training`
 ends any run that raises as FAILED; the objective corrects pruned runs afterwards
@@ -17,11 +20,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import mlflow
 import optuna
 from mlflow.entities import Param as MlflowParam
+from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
 from mnist_mlflow.data import Mnist
@@ -45,6 +49,24 @@ class TrialContext:
     parent_run_id: str
     experiment_id: str
     mnist: Mnist
+    worker: str = ""  # host:pid, recorded on every trial and its run
+    quota: Optional[int] = None  # shared search: finished trials the whole study stops at
+
+
+class SurplusTrial(Exception):
+    """A shared search's worker started a trial past the study's quota (a rare race)."""
+
+
+def is_surplus(study: optuna.Study, number: int, quota: int) -> bool:
+    """Past the first `quota` trials that have not failed, by number: every worker agrees."""
+    alive = sorted(t.number for t in study.get_trials(deepcopy=False, states=(
+        TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)))
+    return number not in alive[:quota]
+
+
+def retry_of(trial: optuna.Trial | optuna.trial.FrozenTrial) -> Optional[int]:
+    """The trial this one runs again: after Ctrl-C (resume) or after its worker died."""
+    return trial.user_attrs.get("retry_of")
 
 
 def objective_value(val_accuracies: list[float], last: int) -> float:
@@ -66,8 +88,19 @@ class Objective:
     def __init__(self, ctx: TrialContext):
         self.ctx = ctx
         self.client = mlflow.MlflowClient()
+        self.runs = TrialRuns(ctx.parent_run_id, ctx.experiment_id, ctx.study_name,
+                              ctx.spec.base.stage, ctx.worker)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        # Where this trial's run lives: a worker that finds it dead closes that run.
+        trial.set_user_attr("mlflow_parent_run_id", self.ctx.parent_run_id)
+        trial.set_user_attr("mlflow_experiment_id", self.ctx.experiment_id)
+        trial.set_user_attr("worker", self.ctx.worker)
+        if self.ctx.quota is not None and is_surplus(trial.study, trial.number, self.ctx.quota):
+            trial.set_user_attr("surplus", True)
+            self._close(trial, "SURPLUS", "KILLED", {"error": "started after the study had its "
+                                                              f"{self.ctx.quota} trials"})
+            raise SurplusTrial(f"trial {trial.number}: the study already has its {self.ctx.quota} trials")
         try:
             cfg, count = self._configure(trial)
         except Exception as exc:  # e.g. a sampled combination the config refuses
@@ -126,42 +159,76 @@ class Objective:
     # ---------------------------------------------------------------- MLflow bookkeeping
 
     def _tags(self, trial: optuna.Trial, state: str) -> dict[str, str]:
-        return {TRIAL_STATE: state, PARENT_TAG: self.ctx.parent_run_id,
-                "optuna.study_name": self.ctx.study_name, "optuna.trial_number": str(trial.number),
-                "search_role": "trial"}
+        return self.runs.tags(trial.number, state, retry_of(trial))
 
     def _close(self, trial: optuna.Trial, state: str, status: str | None,
                tags: dict[str, str]) -> None:
-        """Tags the trial's ended run; makes a stub run if it failed before one existed.
+        run_id = self.runs.close(trial.number, state, status, tags, retry_of(trial))
+        if run_id is not None:
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+    def _stub_run(self, trial: optuna.Trial, state: str, status: str, tags: dict[str, str],
+                  params: dict) -> str:
+        return self.runs.stub(trial.number, state, status,
+                              {**self._tags(trial, state), **tags}, params)
+
+
+@dataclass
+class TrialRuns:
+    """The child runs of one search's parent run, found by trial number."""
+
+    parent_run_id: str
+    experiment_id: str
+    study_name: str
+    stage: str
+    worker: str = ""
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient()
+
+    def tags(self, number: int, state: str, retry: Optional[int] = None) -> dict[str, str]:
+        tags = {TRIAL_STATE: state, PARENT_TAG: self.parent_run_id,
+                "optuna.study_name": self.study_name, "optuna.trial_number": str(number),
+                "search_role": "trial"}
+        if self.worker:
+            tags["optuna.worker"] = self.worker
+        if retry is not None:
+            tags["optuna.retry_of"] = str(retry)
+        return tags
+
+    def close(self, number: int, state: str, status: str | None, tags: dict[str, str],
+              retry: Optional[int] = None) -> str | None:
+        """Tags the trial's run and ends it with `status`; makes a stub run if it has none.
 
         Never raises: a tracking-store hiccup must not hide why the trial ended.
         """
         try:
-            run_id = self._find_run(trial)
+            run_id = self.find(number)
             if run_id is None:
-                run_id = self._stub_run(trial, state, status or "FAILED", tags, {})
-            else:
-                for key, value in {TRIAL_STATE: state, **tags}.items():
-                    self.client.set_tag(run_id, key, value)
-                if status:
-                    self.client.set_terminated(run_id, status)
-            trial.set_user_attr("mlflow_run_id", run_id)
+                return self.stub(number, state, status or "FAILED",
+                                 {**self.tags(number, state, retry), **tags}, {})
+            for key, value in {**tags, TRIAL_STATE: state}.items():
+                self.client.set_tag(run_id, key, value)
+            if status:
+                self.client.set_terminated(run_id, status)
+            return run_id
         except Exception as exc:  # noqa: BLE001 - reported, then the original error goes on
-            log.warning("could not record trial %d's end in MLflow: %r", trial.number, exc)
+            log.warning("could not record trial %d's end in MLflow: %r", number, exc)
+            return None
 
-    def _find_run(self, trial: optuna.Trial) -> str | None:
+    def find(self, number: int) -> str | None:
         found = self.client.search_runs(
-            [self.ctx.experiment_id], max_results=1,
-            filter_string=(f"tags.`{PARENT_TAG}` = '{self.ctx.parent_run_id}' and "
-                           f"tags.`optuna.trial_number` = '{trial.number}'"))
+            [self.experiment_id], max_results=1,
+            filter_string=(f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and "
+                           f"tags.`optuna.trial_number` = '{number}'"))
         return found[0].info.run_id if found else None
 
-    def _stub_run(self, trial: optuna.Trial, state: str, status: str, tags: dict[str, str],
-                  params: dict) -> str:
+    def stub(self, number: int, state: str, status: str, tags: dict[str, str],
+             params: dict) -> str:
         """A child run for a trial that never trained: its config and why, nothing else."""
-        run = self.client.create_run(self.ctx.experiment_id, run_name=f"trial-{trial.number}",
-                                     tags={**self._tags(trial, state), **tags,
-                                           "stage": self.ctx.spec.base.stage})
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}",
+                                     tags={**tags, "stage": self.stage})
         self.client.log_batch(run.info.run_id,
                               params=[MlflowParam(k, str(v)) for k, v in params.items()])
         self.client.set_terminated(run.info.run_id, status)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import warnings
 from collections import Counter
 from typing import Optional
@@ -15,6 +16,7 @@ from typing import Optional
 import mlflow
 import optuna
 import yaml
+from mlflow.entities import Metric, Param
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_mlflow import config as C
@@ -25,16 +27,21 @@ log = logging.getLogger(__name__)
 BEST_CONFIG = "best_config.yaml"
 
 
+KINDS = ("complete", "pruned", "rejected", "failed", "surplus", "unfinished")
+
+
 def trial_kind(t: FrozenTrial) -> str:
-    """complete | pruned | rejected | failed | unfinished (running or waiting)."""
+    """One of KINDS; surplus: a shared search's trial started past the quota, never trained."""
     if t.state == TrialState.PRUNED:
         return "rejected" if "rejected" in t.user_attrs else "pruned"
+    if t.state == TrialState.FAIL and t.user_attrs.get("surplus"):
+        return "surplus"
     return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed"}.get(t.state, "unfinished")
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
     c = Counter(trial_kind(t) for t in study.get_trials(deepcopy=False))
-    return {k: c.get(k, 0) for k in ("complete", "pruned", "rejected", "failed", "unfinished")}
+    return {k: c.get(k, 0) for k in KINDS}
 
 
 def best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
@@ -66,26 +73,33 @@ def best_config_yaml(study: optuna.Study, trial: FrozenTrial, spec: SearchSpec) 
     return header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-def log_summary(study: optuna.Study, spec: SearchSpec) -> Optional[FrozenTrial]:
-    """Into the active (parent) run: counts, best params and value, figures, trials table."""
+def log_summary(study: optuna.Study, spec: SearchSpec, run_id: str) -> Optional[FrozenTrial]:
+    """Into the parent run: counts, best params and value, figures, trials table.
+
+    Through the client, not the active run: a shared search's parent is no worker's own run.
+    Logging it again is harmless (same params; metrics and files are replaced).
+    """
+    client = mlflow.MlflowClient()
     n = counts(study)
-    mlflow.log_metrics({f"n_{k}": v for k, v in n.items()})
+    metrics = {f"n_{k}": v for k, v in n.items()}
     best = best_trial(study)
     if best is not None:
         if best.user_attrs["num_params"] > spec.budget:  # cannot happen; never report it
             raise RuntimeError(f"best trial {best.number} is over the parameter budget")
-        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
-        mlflow.log_param("best.trial_number", best.number)
-        mlflow.log_metric("best_value", best.value)
-        mlflow.set_tags({"best_trial_number": best.number,
-                         "best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
-        mlflow.log_text(best_config_yaml(study, best, spec), BEST_CONFIG)
-    log_trials_table(study)
-    log_figures(study, n)
+        params = {**{f"best.{k}": v for k, v in best.params.items()}, "best.trial_number": best.number}
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        metrics["best_value"] = best.value
+        client.set_tag(run_id, "best_trial_number", best.number)
+        client.set_tag(run_id, "best_trial_run_id", best.user_attrs.get("mlflow_run_id", ""))
+        client.log_text(run_id, best_config_yaml(study, best, spec), BEST_CONFIG)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    log_trials_table(study, client, run_id)
+    log_figures(study, n, client, run_id)
     return best
 
 
-def log_trials_table(study: optuna.Study) -> None:
+def log_trials_table(study: optuna.Study, client: mlflow.MlflowClient, run_id: str) -> None:
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "kind": trial_kind(t), "value": t.value,
@@ -96,10 +110,11 @@ def log_trials_table(study: optuna.Study) -> None:
     if rows:
         import pandas as pd  # an MLflow dependency
 
-        mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "trials.csv")
+        client.log_text(run_id, pd.DataFrame(rows).to_csv(index=False), "trials.csv")
 
 
-def log_figures(study: optuna.Study, n: dict[str, int]) -> None:
+def log_figures(study: optuna.Study, n: dict[str, int], client: mlflow.MlflowClient,
+                run_id: str) -> None:
     """Optuna's matplotlib plots; one that cannot be drawn yet is skipped, never fatal."""
     from optuna.visualization import matplotlib as ovm
 
@@ -116,7 +131,7 @@ def log_figures(study: optuna.Study, n: dict[str, int]) -> None:
                 ax = plot(study)
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(10, 6)
-            mlflow.log_figure(fig, f"figures/{name}.png")
+            client.log_figure(run_id, fig, f"figures/{name}.png")
         except Exception as exc:  # noqa: BLE001 - e.g. too few trials for this plot
             log.warning("skipped figure %s: %r", name, exc)
         finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import time
 import warnings
 
 import numpy as np
@@ -11,17 +13,47 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
+from tracking.search_objective import TrialRuns
 from tracking.search_space import SearchSpec
 
-HEARTBEAT_S, GRACE_S, MAX_RETRY = 60, 180, 2  # RDB storage: a silent trial is stale after 3 min
+HEARTBEAT_S, MAX_RETRY = 60, 2  # RDB storage: a trial silent for 3 heartbeats is stale
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+class RetryAndCloseRun:
+    """A trial whose worker died without a word (SIGKILL, power): queued again with its
+    params (Optuna's RetryHeartbeatStaleTrialCallback) and its MLflow run ended FAILED.
+
+    It runs in whichever worker notices, when that worker starts its next trial.
+    """
+
+    def __init__(self, max_retry: int, grace_s: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.max_retry, self.grace_s = max_retry, grace_s
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial.user_attrs = {**trial.user_attrs, "retry_of": trial.number}  # copied to the retry
+        self.retry(study, trial)
+        queued = len(trial.system_attrs.get("retry_history", [])) < self.max_retry
+        attrs = trial.user_attrs
+        if "mlflow_parent_run_id" not in attrs:  # died before its objective began: no run yet
+            return
+        runs = TrialRuns(attrs["mlflow_parent_run_id"], attrs["mlflow_experiment_id"],
+                         study.study_name, "search", attrs.get("worker", ""))
+        runs.close(trial.number, "FAIL", "FAILED", {
+            "error": f"worker {attrs.get('worker', '?')} lost: no heartbeat for {self.grace_s} s; "
+                     + ("queued again" if queued else f"not retried (max {self.max_retry} retries)")})
+
+
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.BaseStorage:
     """``journal:<file>`` -> a journal file (safe for several local processes); else SQLAlchemy.
 
-    RDB storage gets heartbeats: a trial whose process died without a word (SIGKILL, power)
-    turns FAIL after GRACE_S and is queued again, up to MAX_RETRY times.
+    RDB storage gets heartbeats: a trial whose process died without a word turns FAIL after
+    3 heartbeats and is queued again, up to MAX_RETRY times (RetryAndCloseRun).
     """
+    if heartbeat_s < 1:
+        raise C.ConfigError(f"--heartbeat={heartbeat_s} is not allowed: 1 second or more")
     if url.startswith("journal:"):
         path = url[len("journal:"):]
         folder = os.path.dirname(os.path.abspath(path))
@@ -30,12 +62,19 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                                 "does not exist")
         backend = optuna.storages.journal.JournalFileBackend(path)
         return optuna.storages.journal.JournalStorage(backend)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRY))
+    for attempt in range(1, 4):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                    heartbeat_stale_trial_callback=RetryAndCloseRun(MAX_RETRY, 3 * heartbeat_s))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers starting at once on an empty database race to create Optuna's tables;
+            # the loser finds them made on its next try.
+            if attempt == 3:
+                raise
+            time.sleep(random.uniform(0.5, 1.5))
 
 
 def fixed_settings(spec: SearchSpec) -> dict:
@@ -46,10 +85,24 @@ def fixed_settings(spec: SearchSpec) -> dict:
             "budget": spec.budget, "objective_last_epochs": spec.settings.objective_last_epochs}
 
 
+def create_or_load(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it: the database decides, so among workers
+    starting at once exactly one is the creator."""
+    try:
+        return optuna.create_study(storage=storage, study_name=name, direction="maximize"), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage), False
+
+
 def open_study(spec: SearchSpec, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
     """Creates or loads the study; refuses to resume it under different fixed settings."""
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                load_if_exists=True)
+    study, _ = create_or_load(storage, name)
+    check_settings(spec, study)
+    return study
+
+
+def check_settings(spec: SearchSpec, study: optuna.Study) -> None:
+    name = study.study_name
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise C.ConfigError(f"study {name!r} exists and minimizes; this search maximizes accuracy")
     want, have = fixed_settings(spec), study.user_attrs.get("fixed_settings")
@@ -60,7 +113,6 @@ def open_study(spec: SearchSpec, storage: optuna.storages.BaseStorage, name: str
                          for k, v in want.items() if have.get(k) != v)
         raise C.ConfigError(f"study {name!r} was run with {diff}: its trials would not be "
                             "comparable; use the same values or another --study-name")
-    return study
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
@@ -75,9 +127,12 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     return queued
 
 
-def sampler_seed(seed: int, n_existing: int, worker: int) -> int:
-    """Distinct per worker and per resume: equal seeds would sample the same startup trials."""
-    return int(np.random.SeedSequence([seed, n_existing, worker]).generate_state(1)[0])
+def sampler_seed(seed: int, n_existing: int, worker: int, salt: int = 0) -> int:
+    """Distinct per worker and per resume: equal seeds would sample the same startup trials.
+
+    `salt` tells apart workers on several machines, which share everything else."""
+    entropy = [seed, n_existing, worker] + ([salt] if salt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def redact(url: str) -> str:

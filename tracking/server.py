@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cmd = server_command(args.backend_store_uri, args.artifacts_destination, args.host, args.port,
                          args.workers)
+    # MLflow's job runner (huey consumers for GenAI scorers) starts seven processes that this
+    # project never uses; a user who wants it sets the variable to true.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print("starting:", " ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)  # the server replaces us: signals reach it directly
 

@@ -64,18 +64,20 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                               "MLFLOW_TRACKING_URI to a reachable store, e.g. sqlite:///mlflow.db") from exc
 
 
-def use_experiment(name: str) -> None:
+def use_experiment(name: str) -> str:
     """Inside `mlflow run` the experiment is already chosen; otherwise ours, or the one named.
 
     This is also the first contact with the tracking store: an unreachable one fails here.
+    Returns the experiment's id.
     """
     check_server(mlflow.get_tracking_uri())
-    if name:
-        mlflow.set_experiment(name)
-    elif not ({"MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"} & set(os.environ)):
-        mlflow.set_experiment(DEFAULT_EXPERIMENT)
-    else:
-        mlflow.MlflowClient().search_experiments(max_results=1)
+    if not name and "MLFLOW_EXPERIMENT_ID" in os.environ:
+        return mlflow.set_experiment(experiment_id=os.environ["MLFLOW_EXPERIMENT_ID"]).experiment_id
+    experiment = mlflow.set_experiment(name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                                       or DEFAULT_EXPERIMENT)
+    # MLflow 3.17 leaves the experiment inactive when another process created it at the same
+    # moment (several workers starting at once): activate it by id.
+    return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
 
 
 def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:

@@ -179,7 +179,8 @@ def test_over_budget_trials_are_rejected_untrained(tmp_path, mnist, tracking_uri
     fit_that(monkeypatch, raise_on_call=1, error=AssertionError("an over-budget model trained"))
     result = search.run_search(options(tmp_path, config), mnist=mnist)
 
-    assert result.counts == {"complete": 0, "pruned": 0, "rejected": 2, "failed": 0, "unfinished": 0}
+    assert result.counts == {"complete": 0, "pruned": 0, "rejected": 2, "failed": 0, "surplus": 0,
+                             "unfinished": 0}
     assert result.best is None
     with pytest.raises(ValueError):
         result.study.best_trial  # noqa: B018 - Optuna has no best: nothing feasible completed
