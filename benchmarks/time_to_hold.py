@@ -4,20 +4,21 @@
 Each variant trains with rotation +-6.9 deg, Adam + OneCycle and batch 128, and stops at its hold
 or at its last epoch:
 
-  notebook  the notebook pipeline: per-sample Dataset + v2.RandomRotation + DataLoader, the
-            stage-3 model before the speed work (TinyNet 9/16, nn.Dropout, 15 epochs), test set
-            through a DataLoader
-  baseline  the same DataLoader pipeline with the stage-3 model of experiments/stage3.yaml
-  tensors   the project's pipeline (uint8 tensors in memory, whole-batch rotation), old model
-  words16   + WordMaskDropout (four mask entries per random word)
-  clconv    + ChannelsLastConv2d (oneDNN convolutions channels-last, BatchNorm NCHW)
-  lean      experiments/stage3.yaml as it is: + LeanNet (thin full-resolution block), bf16
+  notebook       the notebook pipeline: per-sample Dataset + v2.RandomRotation + DataLoader,
+                 the model before the speed work (TinyNet 9/16, nn.Dropout), test set through a
+                 DataLoader
+  baseline       the same DataLoader pipeline with the model of experiments/stage3.yaml
+  tensors        the project's pipeline (uint8 tensors in memory, whole-batch rotation), old model
+  words16        + WordMaskDropout (four mask entries per random word)
+  stage3         + ChannelsLastConv2d (oneDNN convolutions channels-last): experiments/stage3.yaml
+  lean           + LeanNet 9/17 (thin full-resolution block) and bf16 forward passes
+  baseline-lean  the DataLoader pipeline with lean's model
 
-Prints a table (s/epoch, epochs to hold, time to hold, training GFLOP per image from
+Prints a table (s/epoch, epochs to hold, time to hold, training MFLOP per image from
 torch.utils.flop_counter, achieved GFLOP/s) and logs one MLflow run with a child per variant.
 
-    python -m benchmarks.time_to_hold                      # notebook,baseline,tensors,lean
-    python -m benchmarks.time_to_hold --variants tensors,words16,clconv,lean --epochs 2
+    python -m benchmarks.time_to_hold                      # baseline,stage3,lean
+    python -m benchmarks.time_to_hold --variants tensors,words16,stage3,lean --epochs 2
 """
 
 from __future__ import annotations
@@ -38,23 +39,26 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import load_mnist, make_splits
 from mnist_mlflow.evaluation import hold_summary
 from mnist_mlflow.models import build_model, count_params
-from mnist_mlflow.train import fit, make_optimizer, make_scheduler, seed_everything
+from mnist_mlflow.train import (fit, make_autocast, make_optimizer, make_scheduler, seed_everything,
+                                train_step)
 from tracking.runs import tracked_run
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
 # the stage-3 model and recipe before the speed work (7,759 parameters, held at epochs 13-15)
 BEFORE = {"model.arch": "tiny", "model.width1": 9, "model.width2": 16, "model.dropout_mask": "bernoulli",
           "model.channels_last_conv": False, "precision": "fp32", "optim.epochs": 15}
+LEAN = {"model.arch": "lean", "model.width1": 9, "model.width2": 17, "model.dropout_mask": "words16",
+        "model.channels_last_conv": True, "precision": "bf16", "optim.epochs": 15}
 VARIANTS = {  # name -> (pipeline, config overrides of experiments/stage3.yaml, description)
     "notebook": ("loader", BEFORE, "DataLoader + per-sample v2.RandomRotation, TinyNet, nn.Dropout"),
     "baseline": ("loader", {}, "DataLoader + per-sample v2.RandomRotation, the stage-3 model"),
     "tensors": ("tensors", BEFORE, "in-memory uint8 tensors + whole-batch rotation, TinyNet"),
     "words16": ("tensors", {**BEFORE, "model.dropout_mask": "words16"}, "+ WordMaskDropout"),
-    "clconv": ("tensors", {**BEFORE, "model.dropout_mask": "words16", "model.channels_last_conv": True},
-               "+ ChannelsLastConv2d"),
-    "lean": ("tensors", {}, "experiments/stage3.yaml: + LeanNet, bf16, 10 epochs"),
+    "stage3": ("tensors", {}, "+ ChannelsLastConv2d: experiments/stage3.yaml"),
+    "lean": ("tensors", LEAN, "+ LeanNet 9/17, bf16"),
+    "baseline-lean": ("loader", LEAN, "DataLoader + per-sample v2.RandomRotation, LeanNet 9/17, bf16"),
 }
-DEFAULT_VARIANTS = "notebook,baseline,tensors,lean"
+DEFAULT_VARIANTS = "baseline,stage3,lean"
 
 
 @dataclass
@@ -105,19 +109,12 @@ def run_loader(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
     test = DataLoader(PerSampleMnist(splits.test_x, splits.test_y, 0.0), batch_size=1000)
     opt = make_optimizer(model, cfg)
     sched, per_batch = make_scheduler(opt, cfg, len(train))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = make_autocast(cfg, torch.device("cpu"))
     for _ in range(cfg.optim.epochs):
         start = time.perf_counter()
         model.train()
         for xb, yb in train:
-            with autocast:
-                logits = model(xb).float()
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if per_batch:
-                sched.step()
+            train_step(model, xb, yb, opt, sched if per_batch else None, autocast)
         model.eval()
         with torch.no_grad():
             correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in test)
@@ -159,18 +156,19 @@ def measure(name: str, base: C.RunConfig, forced: dict) -> tuple[C.RunConfig, Ou
 
 def table(results: list[tuple[C.RunConfig, Outcome]], n_train: int) -> str:
     lines = [f"{'variant':<9} {'params':>6} {'s/epoch':>8} {'epochs to hold':>15} {'time to hold':>13} "
-             f"{'GFLOP/img':>10} {'GFLOP/s':>8}  pipeline"]
+             f"{'MFLOP/img':>10} {'GFLOP/s':>8}  pipeline"]
     for cfg, o in results:
         per_epoch = sum(o.epoch_seconds) / len(o.epoch_seconds)
         h, t = o.hold(cfg), o.time_to_hold(cfg)
         held = f"{h.target_reached_epoch}" if t else f"not in {len(o.accuracies)}"
         gflops = o.train_gflop_per_image * n_train / per_epoch
         lines.append(f"{o.name:<9} {o.params:>6,} {per_epoch:>8.1f} {held:>15} "
-                     f"{(f'{t:.0f} s' if t else '-'):>13} {o.train_gflop_per_image * 1e3:>9.2f}M "
+                     f"{(f'{t:.0f} s' if t else '-'):>13} {o.train_gflop_per_image * 1e3:>10.2f} "
                      f"{gflops:>8.1f}  {VARIANTS[o.name][2]}")
     per_epoch = {o.name: sum(o.epoch_seconds) / len(o.epoch_seconds) for _, o in results}
-    for ref in ("notebook", "baseline"):
-        others = [name for name in per_epoch if name not in ("notebook", "baseline")]
+    refs = ("notebook", "baseline", "baseline-lean")
+    for ref in refs:
+        others = [name for name in per_epoch if name not in refs]
         if ref in per_epoch and others:
             lines.append(f"speed per epoch vs {ref}: " + ", ".join(
                 f"{name} {per_epoch[ref] / per_epoch[name]:.2f}x" for name in others))

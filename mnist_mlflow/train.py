@@ -118,6 +118,25 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: 
     return None, False
 
 
+def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, opt: torch.optim.Optimizer,
+               batch_sched, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; `batch_sched` (or None) steps per batch. Returns (logits, loss)."""
+    with autocast:
+        logits = model(xb).float()
+    loss = F.cross_entropy(logits, yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if batch_sched is not None:
+        batch_sched.step()
+    return logits, loss
+
+
+def make_autocast(cfg: RunConfig, device: torch.device) -> torch.autocast:
+    """bf16 forward passes (weights, gradients and optimizer state stay fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
     was_training = model.training
@@ -162,8 +181,7 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
         result.history = restore_checkpoint(resume_from, model, opt, sched, gen)
         first = resume_from["epoch"] + 1
 
-    # bf16 forward passes (weights, gradients and optimizer state stay fp32); evaluation is fp32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = make_autocast(cfg, device)  # evaluation stays fp32
     bar = tqdm(range(first, cfg.optim.epochs + 1), desc=cfg.stage, unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -176,14 +194,7 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
             idx = order[i * bs:(i + 1) * bs]
             xb = augment_batch(train_x[idx].float(), cfg.augment, gen)
             yb = train_y[idx]
-            with autocast:
-                logits = model(xb).float()
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if per_batch:
-                sched.step()
+            logits, loss = train_step(model, xb, yb, opt, sched if per_batch else None, autocast)
             # accumulate on the device; one sync per epoch below
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
