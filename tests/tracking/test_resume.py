@@ -12,7 +12,8 @@ from mnist_mlflow import config as C
 from tests.conftest import ROOT
 from tracking import runs, stage
 
-ARGS = ["--epochs", "3", "--train-limit", "1000", "--test-limit", "300", "--set", "optim.batch_size=32",
+EPOCHS = 6  # enough that Ctrl-C lands mid-run: an epoch of 1,000 images takes well under a second
+ARGS = ["--epochs", str(EPOCHS), "--train-limit", "1000", "--test-limit", "300", "--set", "optim.batch_size=32",
         "--experiment", "resume", "--no-progress"]
 
 
@@ -46,7 +47,7 @@ def test_interrupted_run_resumes_in_the_same_run_to_the_uninterrupted_result(tra
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     interrupted = only_run("KILLED")
-    assert len(history(interrupted)) < 3  # stopped before the end
+    assert len(history(interrupted)) < EPOCHS  # stopped before the end
 
     assert stage.main(["--resume", interrupted, "--no-progress"]) == 0
     run = MlflowClient().get_run(interrupted)
