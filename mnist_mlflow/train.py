@@ -159,7 +159,7 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
         on_checkpoint: CheckpointCallback | None = None, resume_from: dict | None = None) -> TrainResult:
     """Trains `cfg`'s model on `splits.train`, evaluating on test (and val) after each epoch.
 
-    `on_checkpoint` gets the state after every epoch, before `on_epoch_end`; `resume_from`
+    `on_checkpoint` gets the state after every epoch, after `on_epoch_end`; `resume_from`
     (such a state) continues from the epoch after it, to the same result as an uninterrupted run.
     An `on_epoch_end` that returns True ends training after that epoch (the schedule is unchanged).
     """
@@ -208,8 +208,9 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
             epoch_seconds=time.perf_counter() - t0, val_loss=val_loss, val_accuracy=val_acc)
         result.history.append(metrics)
         bar.set_postfix(train=f"{metrics.train_accuracy:.2f}", test=f"{test_acc:.2f}")
-        if on_checkpoint is not None:
+        stop = on_epoch_end is not None and on_epoch_end(metrics)
+        if on_checkpoint is not None:  # after the epoch's metrics: a checkpoint implies them logged
             on_checkpoint(make_checkpoint(epoch, model, opt, sched, gen, result.history))
-        if on_epoch_end is not None and on_epoch_end(metrics):
+        if stop:
             break
     return result

@@ -19,7 +19,9 @@ ARGS = ["--epochs", str(EPOCHS), "--train-limit", "1000", "--test-limit", "300",
 
 
 def history(run_id: str, key: str = "test_accuracy") -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+    # an epoch interrupted between its metrics and its checkpoint runs again and logs the same
+    # values at the same step once more: compare the distinct (step, value) pairs
+    return sorted({(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)})
 
 
 def only_run(status: str) -> str:
@@ -37,8 +39,8 @@ def test_interrupted_run_resumes_in_the_same_run_to_the_uninterrupted_result(tra
     proc = subprocess.Popen([sys.executable, "-m", "tracking.stage", config, *ARGS], cwd=os.getcwd(),
                             env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # wait for the new run's first checkpoint, then press Ctrl-C; the file system is watched, not
-    # the store: a store query can take longer than the run's remaining epochs
+    # wait for the new run's first checkpoint (logged after that epoch's metrics), then press
+    # Ctrl-C; the file system is watched, not the store: a query can outlast the remaining epochs
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if [p for p in Path.cwd().glob("mlruns/*/*/artifacts/checkpoint/last.pt") if reference not in str(p)]:
