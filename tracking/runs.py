@@ -12,6 +12,7 @@ import platform
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -104,7 +105,16 @@ def log_datasets(mnist: Mnist, splits: Splits) -> None:
             continue
         ds = mlflow.data.from_numpy(x, targets=y, source=mnist.source, name=f"mnist-{name}",
                                     digest=f"{mnist.digest}-{name}-{len(y)}")
-        mlflow.log_input(ds, context=context)
+        for attempt in range(3):
+            try:
+                mlflow.log_input(ds, context=context)
+                break
+            except mlflow.MlflowException as exc:
+                # two processes logging the same dataset at once (search workers): the loser's
+                # INSERT hits the store's unique index; the second try finds the dataset there
+                if "datasets" not in str(exc).lower() or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
 
 def log_epoch(metrics: EpochMetrics) -> None:

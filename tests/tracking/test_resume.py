@@ -13,8 +13,8 @@ from mnist_mlflow import config as C
 from tests.conftest import ROOT
 from tracking import runs, stage
 
-EPOCHS = 6  # enough that Ctrl-C lands mid-run: an epoch of 1,000 images takes well under a second
-ARGS = ["--epochs", str(EPOCHS), "--train-limit", "1000", "--test-limit", "300", "--set", "optim.batch_size=32",
+EPOCHS = 6  # enough that Ctrl-C lands mid-run: an epoch of 3,000 images takes about a second
+ARGS = ["--epochs", str(EPOCHS), "--train-limit", "3000", "--test-limit", "300", "--set", "optim.batch_size=32",
         "--experiment", "resume", "--no-progress"]
 
 
@@ -46,6 +46,7 @@ def test_interrupted_run_resumes_in_the_same_run_to_the_uninterrupted_result(tra
         if [p for p in Path.cwd().glob("mlruns/*/*/artifacts/checkpoint/last.pt") if reference not in str(p)]:
             break
         time.sleep(0.02)
+    time.sleep(0.3)  # let the checkpoint's copy finish: the signal should land in training, not in MLflow
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
