@@ -156,12 +156,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = None,
         progress: bool = True, model: nn.Module | None = None,
-        on_checkpoint: CheckpointCallback | None = None, resume_from: dict | None = None) -> TrainResult:
+        on_checkpoint: CheckpointCallback | None = None, resume_from: dict | None = None,
+        stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     """Trains `cfg`'s model on `splits.train`, evaluating on test (and val) after each epoch.
 
     `on_checkpoint` gets the state after every epoch, after `on_epoch_end`; `resume_from`
     (such a state) continues from the epoch after it, to the same result as an uninterrupted run.
     An `on_epoch_end` that returns True ends training after that epoch (the schedule is unchanged).
+    A `stop_requested` that returns True (checked before every batch) raises KeyboardInterrupt:
+    interrupts land between batches, never inside the callbacks.
     """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -191,6 +194,8 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
         correct = torch.zeros((), device=device, dtype=torch.long)
         order = torch.randperm(n, generator=gen, device=device)
         for i in range(steps):
+            if stop_requested is not None and stop_requested():
+                raise KeyboardInterrupt("stop requested")
             idx = order[i * bs:(i + 1) * bs]
             xb = augment_batch(train_x[idx].float(), cfg.augment, gen)
             yb = train_y[idx]

@@ -60,6 +60,43 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class DeferredInterrupt:
+    """Ctrl-C and SIGTERM during training set a flag that training checks between batches.
+
+    So the interrupt never lands inside MLflow's logging or a checkpoint's upload (where it
+    could leave the store half-written); a second signal interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(f"signal {signum}, again")
+        self.signum = signum
+
+    def raise_if_set(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(f"signal {self.signum}")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["DeferredInterrupt"]:
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        try:
+            previous = [signal.signal(s, self._handle) for s in sigs]
+        except ValueError:  # not the main thread: leave signals alone
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            for s, handler in zip(sigs, previous):
+                signal.signal(s, handler)
+
+
 @contextlib.contextmanager
 def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
     """`mlflow.start_run` whose end status tells what happened: FINISHED, FAILED or KILLED."""
@@ -281,8 +318,11 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
             mlflow.log_text(format_summary(layer_summary(model)), "model_summary.txt")
             if cfg.study_data:
                 log_data_study(splits, mean, std)
-        result = fit(cfg, splits, on_epoch_end=on_epoch, progress=progress, model=model,
-                     on_checkpoint=log_checkpoint if checkpoints or state else None, resume_from=state)
+        with DeferredInterrupt().installed() as interrupt:
+            result = fit(cfg, splits, on_epoch_end=on_epoch, progress=progress, model=model,
+                         on_checkpoint=log_checkpoint if checkpoints or state else None,
+                         resume_from=state, stop_requested=interrupt)
+            interrupt.raise_if_set()  # arrived during the last epoch's logging
         if log_model_artifact:
             hold = log_results(cfg, splits, result)
         else:

@@ -46,7 +46,7 @@ def test_interrupted_run_resumes_in_the_same_run_to_the_uninterrupted_result(tra
         if [p for p in Path.cwd().glob("mlruns/*/*/artifacts/checkpoint/last.pt") if reference not in str(p)]:
             break
         time.sleep(0.02)
-    time.sleep(0.3)  # let the checkpoint's copy finish: the signal should land in training, not in MLflow
+    # no waiting for the copy to finish: the run defers the signal to its next batch
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
@@ -76,3 +76,18 @@ def test_resume_refuses_finished_runs_and_runs_without_checkpoint(tracking_uri, 
     assert "has no checkpoint/last.pt to resume from" in capsys.readouterr().err
     assert stage.main(["--resume", killed, "--epochs", "5"]) == 2
     assert "drop the overrides" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_logging_waits_for_the_checkpoint(tracking_uri, mnist, tiny_config, signum):
+    # the signal arrives while epoch 1's metrics are being logged: the run still logs that
+    # epoch's checkpoint, then stops at the next batch, KILLED, resumable from epoch 1
+    mlflow.set_experiment("resume")
+    cfg = C.replace(tiny_config, {"optim.epochs": 3})
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_training(cfg, mnist=mnist, progress=False, checkpoints=True,
+                          on_epoch_end=lambda m: os.kill(os.getpid(), signum) if m.epoch == 1 else None)
+    killed = only_run("KILLED")
+    assert [s for s, _ in history(killed)] == [1]
+    assert runs.load_checkpoint(killed)["epoch"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
