@@ -37,6 +37,7 @@ class ModelConfig:
     dropout: float = 0.05
     dropout_mask: Literal["bernoulli", "words16"] = "bernoulli"  # see models.WordMaskDropout
     channels_last_conv: bool = False  # see models.ChannelsLastConv2d
+    pool_before_bn: bool = False  # block 2: conv -> maxpool -> BN -> ReLU -> dropout (models.conv_bn)
     max_params: Optional[int] = 8000  # hard budget, checked when the model is built
 
 
@@ -54,6 +55,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     epochs: int = 15
+    ema_decay: Optional[float] = None  # evaluate (and keep) an exponential moving average of the weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,8 @@ def validate(c: RunConfig) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "weight_decay >= 0")
     _check(o.batch_size > 0, "optim.batch_size", o.batch_size, "batch_size > 0")
     _check(o.epochs > 0, "optim.epochs", o.epochs, "epochs > 0")
+    _check(o.ema_decay is None or 0.0 < o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay,
+           "null or 0 < ema_decay < 1")
     _check(s.max_lr > 0, "schedule.max_lr", s.max_lr, "max_lr > 0")
     _check(0.0 < s.pct_start < 1.0, "schedule.pct_start", s.pct_start, "0 < pct_start < 1")
     _check(s.step_size > 0, "schedule.step_size", s.step_size, "step_size > 0")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mnist_mlflow.config import ModelConfig
-from mnist_mlflow.models import (BudgetError, ChannelsLastConv2d, TinyNet, WordMaskDropout, build_model,
+from mnist_mlflow.models import (BudgetError, ChannelsLastConv2d, ChannelsLastMaxPool2d, TinyNet, WordMaskDropout, build_model,
                                  count_params, format_summary, layer_summary, param_count_of)
 
 
@@ -91,3 +91,33 @@ def test_channels_last_conv_matches_conv2d_in_values_gradients_and_layout():
     y2.backward(g)
     assert x2.grad.is_contiguous() and torch.allclose(x1.grad, x2.grad, atol=1e-5)
     assert torch.allclose(plain.weight.grad, fast.weight.grad, atol=1e-4)
+
+
+def test_channels_last_pool_gives_maxpools_values_and_gradients():
+    x1 = torch.relu(torch.randn(4, 16, 24, 24)).requires_grad_()  # ReLU's zeros: ties
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = torch.nn.MaxPool2d(2)(x1), ChannelsLastMaxPool2d(2)(x2)
+    assert y2.is_contiguous() and torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert x2.grad.is_contiguous()
+    nonzero = x1.detach() > 0  # a tie of zeros may route its gradient to another zero
+    assert torch.equal(x1.grad[nonzero], x2.grad[nonzero])
+
+
+def test_pool_before_bn_keeps_params_and_rf_and_channels_last_changes_only_speed():
+    plain = build_model(ModelConfig(pool_before_bn=True, dropout=0.0))
+    fast = build_model(ModelConfig(pool_before_bn=True, dropout=0.0, channels_last_conv=True))
+    assert count_params(plain) == count_params(build_model(ModelConfig())) == 7759
+    rows = layer_summary(plain)
+    assert [r.output_shape for r in rows if r.name.startswith("features.2.")][:2] == [(16, 24, 24), (16, 12, 12)]
+    assert rows[-1].receptive_field == 28 and max(r.receptive_field for r in rows[:-3]) == 18
+    fast.load_state_dict(plain.state_dict())
+    x = torch.rand(8, 1, 28, 28) * 255
+    out_plain, out_fast = plain(x), fast(x)  # training mode: batch statistics
+    assert torch.allclose(out_plain, out_fast, atol=1e-4)
+    out_plain.square().sum().backward()
+    out_fast.square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-3, rtol=1e-3), name

@@ -1,12 +1,14 @@
+import copy
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mnist_mlflow import config as C
 from mnist_mlflow.data import make_splits
 from mnist_mlflow.evaluation import hold_summary
-from mnist_mlflow.train import fit
+from mnist_mlflow.train import fit, make_ema
 
 
 def test_short_run_on_a_subset_learns(mnist, tiny_config):
@@ -39,6 +41,34 @@ def test_epoch_callback_returning_true_stops_training(mnist, tiny_config):
     result = fit(cfg, make_splits(mnist, train_limit=300, test_limit=100),
                  on_epoch_end=lambda m: m.epoch == 1, progress=False)
     assert [m.epoch for m in result.history] == [1]
+
+
+def test_ema_weights_are_evaluated_returned_and_resumed(mnist, tiny_config):
+    cfg = C.replace(tiny_config, {"optim.epochs": 3, "optim.ema_decay": 0.99})
+    splits = make_splits(mnist, train_limit=600, test_limit=200)
+    states = []
+    full = fit(cfg, splits, progress=False, on_checkpoint=lambda s: states.append(copy.deepcopy(s)))
+    plain = fit(C.replace(cfg, {"optim.ema_decay": None}), splits, progress=False)
+    trained = states[-1]["model"]  # the optimizer's weights; the result is their average
+    assert not torch.equal(full.model.state_dict()["head.1.weight"], trained["head.1.weight"])
+    assert [h.train_loss for h in full.history] == [h.train_loss for h in plain.history]
+    assert [h.test_loss for h in full.history] != [h.test_loss for h in plain.history]
+    resumed = fit(cfg, splits, progress=False, resume_from=states[0])
+    assert [h.test_loss for h in resumed.history] == [h.test_loss for h in full.history]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
+                                                  full.model.state_dict().values()))
+
+
+def test_ema_is_bias_corrected_so_the_first_weights_do_not_linger():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = make_ema(model, 0.9)
+    ema.update_parameters(model)  # step 1 copies: 0
+    torch.nn.init.ones_(model.weight)
+    for _ in range(4):  # steps 2-5: 1
+        ema.update_parameters(model)
+    # sum of 0.9**(5-i) * 0.1 * w_i over 1 - 0.9**5: (1 - 0.9**4) / (1 - 0.9**5); a plain EMA: 1 - 0.9**4
+    assert ema.module.weight.item() == pytest.approx((1 - 0.9**4) / (1 - 0.9**5))
 
 
 def test_hold_summary_finds_first_four_epoch_hold():
