@@ -21,7 +21,7 @@ or at its last epoch:
 Prints a table (s/epoch, epochs to hold, time to hold, training MFLOP per image from
 torch.utils.flop_counter, achieved GFLOP/s) and logs one MLflow run with a child per variant.
 
-    python -m benchmarks.time_to_hold                      # baseline,stage3
+    python -m benchmarks.time_to_hold                      # stage3,baseline
     python -m benchmarks.time_to_hold --variants tensors,words16,channels-last,pool-first,stage3 --epochs 2
 """
 
@@ -67,7 +67,7 @@ VARIANTS = {  # name -> (pipeline, config overrides of experiments/stage3.yaml, 
     "lean": ("tensors", LEAN, "stage3 with LeanNet 9/17"),
     "baseline-lean": ("loader", LEAN, "DataLoader + per-sample v2.RandomRotation, LeanNet 9/17, bf16"),
 }
-DEFAULT_VARIANTS = "baseline,stage3"
+DEFAULT_VARIANTS = "stage3,baseline"
 
 
 @dataclass
