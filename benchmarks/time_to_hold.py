@@ -154,7 +154,7 @@ def record(out: Outcome, cfg: C.RunConfig, accuracy: float, start: float, t0: fl
     out.accuracies.append(accuracy)
     out.epoch_seconds.append(now - start)
     out.elapsed.append(now - t0)
-    print(f"  {out.name:<9} epoch {len(out.accuracies):2d}  test {accuracy:6.2f} %  "
+    print(f"  {out.name:<13} epoch {len(out.accuracies):2d}  test {accuracy:6.2f} %  "
           f"{now - start:5.1f} s  elapsed {now - t0:6.1f} s", flush=True)
     return out.hold(cfg).target_reached_epoch is not None
 
@@ -169,14 +169,14 @@ def measure(name: str, base: C.RunConfig, forced: dict) -> tuple[C.RunConfig, Ou
 
 
 def table(results: list[tuple[C.RunConfig, Outcome]], n_train: int) -> str:
-    lines = [f"{'variant':<9} {'params':>6} {'s/epoch':>8} {'epochs to hold':>15} {'time to hold':>13} "
+    lines = [f"{'variant':<13} {'params':>6} {'s/epoch':>8} {'epochs to hold':>15} {'time to hold':>13} "
              f"{'MFLOP/img':>10} {'GFLOP/s':>8}  pipeline"]
     for cfg, o in results:
         per_epoch = sum(o.epoch_seconds) / len(o.epoch_seconds)
         h, t = o.hold(cfg), o.time_to_hold(cfg)
         held = f"{h.target_reached_epoch}" if t else f"not in {len(o.accuracies)}"
         gflops = o.train_gflop_per_image * n_train / per_epoch
-        lines.append(f"{o.name:<9} {o.params:>6,} {per_epoch:>8.1f} {held:>15} "
+        lines.append(f"{o.name:<13} {o.params:>6,} {per_epoch:>8.1f} {held:>15} "
                      f"{(f'{t:.0f} s' if t else '-'):>13} {o.train_gflop_per_image * 1e3:>10.2f} "
                      f"{gflops:>8.1f}  {VARIANTS[o.name][2]}")
     per_epoch = {o.name: sum(o.epoch_seconds) / len(o.epoch_seconds) for _, o in results}
