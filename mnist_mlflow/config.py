@@ -35,7 +35,7 @@ class ModelConfig:
     width1: int = 9  # channels of the full-resolution block (tiny: and of the 1x1 transition)
     width2: int = 16  # channels of the convolutions after the pooling
     dropout: float = 0.05
-    dropout_mask: Literal["bernoulli", "words16"] = "bernoulli"  # see models.WordMaskDropout
+    dropout_mask: Literal["bernoulli", "words16", "sparse", "channel"] = "bernoulli"  # see models.DROPOUTS
     channels_last_conv: bool = False  # see models.ChannelsLastConv2d
     pool_before_bn: bool = False  # block 2: conv -> maxpool -> BN -> ReLU -> dropout (models.conv_bn)
     max_params: Optional[int] = 8000  # hard budget, checked when the model is built

@@ -7,6 +7,7 @@ Every model takes raw MNIST pixels, float 0-255, shape (N, 1, 28, 28), and retur
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,52 @@ class WordMaskDropout(nn.Module):
         return f"p={self.p}, effective_p={self.threshold / 2**15:.6f}"
 
 
-DROPOUTS = {"bernoulli": nn.Dropout, "words16": WordMaskDropout}
+class SparseMaskDropout(nn.Module):
+    """Per-element dropout, as nn.Dropout, drawing only the positions it drops.
+
+    The gaps between dropped elements of an i.i.d. Bernoulli(p) mask are geometric; each is
+    ceil(log(U) / log(1 - p)) of a uniform U. For p = 0.05 that is one uniform per 20 elements
+    (`WordMaskDropout` draws one 64-bit word per 4, `bernoulli_` one number per element), then a
+    filled mask with those positions zeroed. Exact p, default torch generator (seeds and
+    checkpoints work as for nn.Dropout); other devices use ``F.dropout``.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.scale = 1.0 / (1.0 - p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        mask = torch.full_like(x, self.scale)  # dense, in x's memory layout
+        mask.as_strided((n,), (1,))[self.dropped_positions(n)] = 0
+        return x * mask
+
+    def dropped_positions(self, n: int) -> torch.Tensor:
+        """Sorted flat indices in [0, n), each included independently with probability p."""
+        expected = n * self.p
+        draws = int(expected + 6 * math.sqrt(expected) + 16)  # one batch of gaps nearly always covers n
+        chunks, start = [], 0
+        while start < n:
+            uniform = 1.0 - torch.rand(draws)  # (0, 1]
+            gaps = uniform.log_().div_(math.log1p(-self.p)).ceil_().clamp_min_(1)
+            positions = gaps.to(torch.int64).cumsum_(0).add_(start - 1)
+            chunks.append(positions)
+            start = int(positions[-1]) + 1
+        positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        return positions[:int(torch.searchsorted(positions, n))]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# per element (three ways to draw the same distribution), or whole feature maps per image
+DROPOUTS = {"bernoulli": nn.Dropout, "words16": WordMaskDropout, "sparse": SparseMaskDropout,
+            "channel": nn.Dropout2d}
 
 
 class _Relayout(torch.autograd.Function):

@@ -53,28 +53,51 @@ EpochCallback = Callable[[EpochMetrics], Optional[bool]]  # True: stop after thi
 CheckpointCallback = Callable[[dict], None]
 
 
-def make_ema(model: nn.Module, decay: float | None) -> AveragedModel | None:
+class WeightAverage(AveragedModel):
     """An exponential moving average of the weights and BatchNorm statistics, updated per step.
 
     Bias-corrected as Adam's moments are: step t weighs (1 - decay) / (1 - decay**t), so the
     random initial weights do not linger in the average (a plain EMA keeps decay**t of them).
+    Same state_dict as `AveragedModel`; its update collects and groups the tensors on every
+    call (4 % of a CPU step here), this one once, and counts steps on the host (no device sync).
     """
-    if decay is None:
-        return None
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+        self._pairs: tuple | None = None  # (model, averaged floats, its floats, averaged ints, its ints)
+        self._steps: int | None = None  # mirrors n_averaged
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_steps", None))
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
-        if not averaged[0].is_floating_point():  # num_batches_tracked
-            for a, c in zip(averaged, current):
-                a.copy_(c)
-            return
-        torch._foreach_lerp_(averaged, current, (1 - decay) / (1 - decay ** (int(n_averaged) + 1)))
+    def update_parameters(self, model: nn.Module) -> None:
+        if self._pairs is None or self._pairs[0] is not model:
+            mine = [*self.module.parameters(), *self.module.buffers()]
+            theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+            floats = [i for i, t in enumerate(mine) if t.is_floating_point()]
+            ints = [i for i, t in enumerate(mine) if not t.is_floating_point()]  # num_batches_tracked
+            self._pairs = (model, [mine[i].detach() for i in floats], [theirs[i] for i in floats],
+                           [mine[i].detach() for i in ints], [theirs[i] for i in ints])
+        if self._steps is None:
+            self._steps = int(self.n_averaged)
+        _, avg_f, cur_f, avg_i, cur_i = self._pairs
+        if self._steps == 0:
+            torch._foreach_copy_(avg_f, cur_f)
+        else:
+            weight = (1 - self.decay) / (1 - self.decay ** (self._steps + 1))
+            torch._foreach_lerp_(avg_f, cur_f, weight)
+        if avg_i:
+            torch._foreach_copy_(avg_i, cur_i)
+        self._steps += 1
+        self.n_averaged += 1
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+def make_ema(model: nn.Module, decay: float | None) -> WeightAverage | None:
+    return WeightAverage(model, decay) if decay is not None else None
 
 
 def make_checkpoint(epoch: int, model: nn.Module, opt, sched, gen: torch.Generator,
-                    history: list[EpochMetrics], ema: AveragedModel | None = None) -> dict:
+                    history: list[EpochMetrics], ema: WeightAverage | None = None) -> dict:
     """Everything needed to continue bit for bit: tensors and plain containers only,
     so it loads with ``torch.load(weights_only=True)``."""
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -88,7 +111,7 @@ def make_checkpoint(epoch: int, model: nn.Module, opt, sched, gen: torch.Generat
 
 
 def restore_checkpoint(state: dict, model: nn.Module, opt, sched, gen: torch.Generator,
-                       ema: AveragedModel | None = None) -> list[EpochMetrics]:
+                       ema: WeightAverage | None = None) -> list[EpochMetrics]:
     model.load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])

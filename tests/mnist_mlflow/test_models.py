@@ -66,6 +66,20 @@ def test_word_mask_dropout_follows_the_torch_seed():
     assert not torch.equal(a, drop(x))
 
 
+def test_channel_dropout_drops_whole_feature_maps_in_every_block():
+    model = build_model(ModelConfig(dropout_mask="channel", channels_last_conv=True, pool_before_bn=True))
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout2d)]
+    assert len(drops) == 6 and all(d.p == 0.05 for d in drops)
+    assert count_params(model) == 7759
+    torch.manual_seed(0)
+    y = drops[0].train()(torch.ones(512, 9, 26, 26))
+    maps = y.flatten(2)
+    dropped = (maps == 0).all(2)
+    assert torch.equal(dropped, (maps == 0).any(2))  # a map is dropped whole or not at all
+    assert abs(dropped.float().mean().item() - 0.05) < 0.01  # 4,608 maps
+    assert torch.allclose(maps[~dropped], torch.full_like(maps[~dropped], 1 / 0.95))
+
+
 def test_lean_net_keeps_the_receptive_field_with_fewer_multiply_adds():
     lean = build_model(ModelConfig(arch="lean", width1=8, width2=16, dropout_mask="words16"))
     # convs 72+576+1152+2304+2304, BN 2*(8+8+16+16+16), head 160+10

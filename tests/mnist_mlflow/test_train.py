@@ -71,6 +71,35 @@ def test_ema_is_bias_corrected_so_the_first_weights_do_not_linger():
     assert ema.module.weight.item() == pytest.approx((1 - 0.9**4) / (1 - 0.9**5))
 
 
+def test_weight_average_matches_averaged_models_own_update_bit_for_bit():
+    """The cached update is AveragedModel's, with the same bias-corrected lerp: equal tensors,
+    BatchNorm statistics and counters included, also after loading a state mid-way."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def lerp(averaged, current, n):
+        if not averaged[0].is_floating_point():
+            return torch._foreach_copy_(averaged, current)
+        torch._foreach_lerp_(averaged, current, (1 - 0.9) / (1 - 0.9 ** (int(n) + 1)))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    ours, stock = make_ema(model, 0.9), AveragedModel(model, multi_avg_fn=lerp, use_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        model(torch.randn(4, 1, 8, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ours.update_parameters(model)
+        stock.update_parameters(model)
+        if step == 2:  # as on resume: a fresh average loaded from a state
+            state = ours.state_dict()
+            ours = make_ema(model, 0.9)
+            ours.load_state_dict(state)
+    assert ours.state_dict().keys() == stock.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), stock.state_dict().values()))
+    assert int(ours.n_averaged) == 6
+
+
 def test_hold_summary_finds_first_four_epoch_hold():
     s = hold_summary([99.0, 99.41, 99.5, 99.3, 99.4, 99.45, 99.42, 99.47, 99.5], 99.4, 4)
     assert (s.hold_epochs, s.target_reached_epoch, s.held_accuracy, s.best_accuracy) == (5, 8, 99.4, 99.5)
