@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mnist_mlflow.config import ModelConfig
-from mnist_mlflow.models import (BudgetError, ChannelsLastConv2d, ChannelsLastMaxPool2d, TinyNet, WordMaskDropout, build_model,
+from mnist_mlflow.models import (BudgetError, ChannelsLastConv2d, ChannelsLastMaxPool2d, SparseMaskDropout, TinyNet,
+                                 WordMaskDropout, build_model,
                                  count_params, format_summary, layer_summary, param_count_of)
 
 
@@ -64,6 +65,40 @@ def test_word_mask_dropout_follows_the_torch_seed():
     torch.manual_seed(3)
     assert torch.equal(a, drop(x))
     assert not torch.equal(a, drop(x))
+
+
+@pytest.mark.parametrize("draws", [None, 7])  # 7: many batches of gaps per call
+def test_sparse_mask_positions_are_an_iid_bernoulli_p_sample(draws):
+    torch.manual_seed(0)
+    n, drop = 400_000, SparseMaskDropout(0.05)
+    positions = drop.dropped_positions(n, draws) if draws is None else torch.cat(
+        [drop.dropped_positions(2_000, draws) + 2_000 * i for i in range(n // 2_000)])
+    assert positions.dtype == torch.int64 and positions.min() >= 0 and positions.max() < n
+    assert torch.all(positions.diff() > 0)  # sorted, no repeats
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[positions] = True
+    assert abs(mask.float().mean().item() - 0.05) < 0.002  # sd 0.00034
+    # independence: neighbours dropped together at rate p**2, and no position class is favoured
+    assert abs((mask[1:] & mask[:-1]).float().mean().item() - 0.0025) < 0.0004
+    assert torch.all((mask.view(-1, 8).float().mean(0) - 0.05).abs() < 0.004)
+    assert drop.dropped_positions(0).numel() == 0 and drop.dropped_positions(1, draws=1).numel() <= 1
+
+
+def test_sparse_mask_dropout_scales_routes_gradients_and_keeps_the_layout():
+    drop = SparseMaskDropout(0.05).train()
+    x = torch.ones(64, 9, 26, 26).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(1)
+    y = drop(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert abs((y == 0).float().mean().item() - 0.05) < 0.003
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / 0.95))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient = mask * scale
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y)  # the torch seed decides the mask
+    assert not torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x)
 
 
 def test_channel_dropout_drops_whole_feature_maps_in_every_block():
