@@ -58,8 +58,8 @@ class WeightAverage(AveragedModel):
 
     Bias-corrected as Adam's moments are: step t weighs (1 - decay) / (1 - decay**t), so the
     random initial weights do not linger in the average (a plain EMA keeps decay**t of them).
-    Same state_dict as `AveragedModel`; its update collects and groups the tensors on every
-    call (4 % of a CPU step here), this one once, and counts steps on the host (no device sync).
+    Same state_dict and values as `AveragedModel`'s update, which collects and groups the
+    tensors on every call; this one does so once and counts steps on the host (no device sync).
     """
 
     def __init__(self, model: nn.Module, decay: float):
