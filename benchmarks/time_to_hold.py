@@ -2,7 +2,9 @@
 4-epoch hold of >= 99.4 % test accuracy completes, for several pipelines side by side in one process.
 
 Each variant trains with rotation +-6.9 deg, Adam + OneCycle and batch 128, and stops at its hold
-or at its last epoch:
+or at its last epoch. Models are built as a stage run builds them (normalized with the training
+images' statistics, initial weights from the seed), so `stage3` trains exactly what
+`mlflow run . -e stage3 -P seed=N` trains, without its tracking:
 
   notebook       the notebook pipeline: per-sample Dataset + v2.RandomRotation + DataLoader,
                  the model before the speed work (TinyNet 9/16, nn.Dropout), test set through a
@@ -43,8 +45,8 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import load_mnist, make_splits
 from mnist_mlflow.evaluation import hold_summary
 from mnist_mlflow.models import build_model, count_params
-from mnist_mlflow.train import (fit, make_autocast, make_ema, make_optimizer, make_scheduler,
-                                seed_everything, train_step)
+from mnist_mlflow.train import (fit, init_model, make_autocast, make_ema, make_optimizer, make_scheduler,
+                                train_step)
 from tracking.runs import tracked_run
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
@@ -112,8 +114,7 @@ class PerSampleMnist(Dataset):
 
 def run_loader(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
     splits = make_splits(load_mnist(), train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model)
+    model, _, _ = init_model(cfg, splits.train_x)
     train = DataLoader(PerSampleMnist(splits.train_x, splits.train_y, cfg.augment.rotation_degrees),
                        batch_size=cfg.optim.batch_size, shuffle=True)
     test = DataLoader(PerSampleMnist(splits.test_x, splits.test_y, 0.0), batch_size=1000)
@@ -146,7 +147,8 @@ def run_project(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
         starts.append(time.perf_counter())
         return stop
 
-    fit(cfg, splits, on_epoch_end=on_epoch, progress=False)
+    model, _, _ = init_model(cfg, splits.train_x)  # as a stage run: the same run for the same seed
+    fit(cfg, splits, on_epoch_end=on_epoch, progress=False, model=model)
 
 
 def record(out: Outcome, cfg: C.RunConfig, accuracy: float, start: float, t0: float) -> bool:

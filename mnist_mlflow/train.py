@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .augment import augment_batch
 from .config import RunConfig
 from .data import Splits
+from .explore import pixel_stats
 from .models import build_model
 
 EVAL_BATCH = 256  # 2,000 ran 3x slower on the CPU: its activations outgrow the cache
@@ -137,6 +138,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def init_model(cfg: RunConfig, train_x: np.ndarray) -> tuple[nn.Module, float, float]:
+    """A run's model before training: normalized with the statistics of its training images,
+    initial weights from `cfg.seed`. Returns (model, pixel mean, pixel std)."""
+    mean, std = pixel_stats(train_x)
+    seed_everything(cfg.seed)
+    return build_model(cfg.model, mean, std), mean, std
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

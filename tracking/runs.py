@@ -26,8 +26,8 @@ from mlflow.models import infer_signature
 from mnist_mlflow import config as C
 from mnist_mlflow import evaluation, explore, figures
 from mnist_mlflow.data import Mnist, Splits, load_mnist, make_splits
-from mnist_mlflow.models import build_model, count_params, format_summary, layer_summary
-from mnist_mlflow.train import EpochMetrics, TrainResult, fit, predict_logits, seed_everything
+from mnist_mlflow.models import count_params, format_summary, layer_summary
+from mnist_mlflow.train import EpochMetrics, TrainResult, fit, init_model, predict_logits
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
 MODEL_NAME = "model"  # the logged model's name inside a run
@@ -296,9 +296,7 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
     """
     state = load_checkpoint(resume_run_id) if resume_run_id else None
     mnist, splits = prepare(cfg, mnist)
-    mean, std = explore.pixel_stats(splits.train_x)
-    seed_everything(cfg.seed)  # initial weights follow the seed too
-    model = build_model(cfg.model, mean, std)  # BudgetError here: no run is created
+    model, mean, std = init_model(cfg, splits.train_x)  # BudgetError here: no run is created
     params = {**C.flatten(cfg), "num_params": count_params(model), "data.digest": mnist.digest,
               "data.source": mnist.source, "data.mean": round(mean, 6), "data.std": round(std, 6),
               **{f"data.{k}_size": v for k, v in splits.sizes().items()},
