@@ -35,62 +35,61 @@ class Normalize(nn.Module):
         return (x / 255.0 - self.mean) / self.std
 
 
-class WordMaskDropout(nn.Module):
-    """Per-element dropout, as nn.Dropout, with a cheaper mask on the CPU.
+class MaskDropout(nn.Module):
+    """Per-element dropout, as nn.Dropout, with a cheaper mask on the CPU: `mask(x)`, drawn
+    from the default torch generator (seeds and checkpoints work as for nn.Dropout), in x's
+    memory layout (NCHW or channels-last, so the product stays dense), scale included, in x's
+    dtype (bf16 stays bf16). Other devices use ``F.dropout``."""
 
-    Each 64-bit random word gives four mask entries (the low 15 bits of each 16-bit slice,
-    all uniform), so the generator is called a quarter as often as by ``bernoulli_``, which
-    costs a third of a CPU training step here. p is rounded to a multiple of 2**-15
-    (0.05 -> 0.049988). Uses the default torch generator, so seeds and checkpoints work as
-    for nn.Dropout; other devices use ``F.dropout``.
-    """
-
-    def __init__(self, p: float):
+    def __init__(self, p: float, effective_p: float | None = None):
         super().__init__()
         self.p = p
-        self.threshold = round(p * 2**15)  # drop where the 15-bit value is below this
-        self.scale = 1.0 / (1.0 - self.threshold / 2**15)
+        self.effective_p = p if effective_p is None else effective_p
+        self.scale = 1.0 / (1.0 - self.effective_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == 0:
+        if not self.training or self.effective_p == 0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
-        # the mask takes x's memory layout (NCHW or channels-last), so the product stays dense
-        bits = words.view(torch.int16)[:n].as_strided(x.shape, x.stride()) & 0x7FFF
-        keep, drop = x.new_full((), self.scale), x.new_zeros(())  # bf16 stays bf16
-        return x * torch.where(bits >= self.threshold, keep, drop)
+        return x * self.mask(x)
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, effective_p={self.threshold / 2**15:.6f}"
+        return f"p={self.p}" + (f", effective_p={self.effective_p:.6f}" if self.effective_p != self.p else "")
 
 
-class SparseMaskDropout(nn.Module):
-    """Per-element dropout, as nn.Dropout, drawing only the positions it drops.
-
-    The gaps between dropped elements of an i.i.d. Bernoulli(p) mask are geometric; each is
-    ceil(log(U) / log(1 - p)) of a uniform U. For p = 0.05 that is one uniform per 20 elements
-    (`WordMaskDropout` draws one 64-bit word per 4, `bernoulli_` one number per element), then a
-    filled mask with those positions zeroed. Exact p, default torch generator (seeds and
-    checkpoints work as for nn.Dropout); other devices use ``F.dropout``.
-    """
+class WordMaskDropout(MaskDropout):
+    """Each 64-bit random word gives four mask entries (the low 15 bits of each 16-bit slice,
+    all uniform), so the generator is called a quarter as often as by ``bernoulli_``, which
+    costs a third of a CPU training step here. p is rounded to a multiple of 2**-15
+    (0.05 -> 0.049988)."""
 
     def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.scale = 1.0 / (1.0 - p)
+        self.threshold = round(p * 2**15)  # drop where the 15-bit value is below this
+        super().__init__(p, self.threshold / 2**15)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+        bits = words.view(torch.int16)[:n].as_strided(x.shape, x.stride()) & 0x7FFF
+        return torch.where(bits >= self.threshold, x.new_full((), self.scale), x.new_zeros(()))
+
+
+class SparseMaskDropout(MaskDropout):
+    """Draws only the positions it drops. The gaps between dropped elements of an i.i.d.
+    Bernoulli(p) mask are geometric; each is ceil(log(U) / log(1 - p)) of a uniform U. For
+    p = 0.05 that is one uniform per 20 elements (`WordMaskDropout` draws one 64-bit word per 4,
+    `bernoulli_` one number per element), then a filled mask with those positions zeroed. Exact p.
+    """
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
         n = x.numel()
         mask = torch.full_like(x, self.scale)  # dense, in x's memory layout
         mask.as_strided((n,), (1,))[self.dropped_positions(n)] = 0
-        return x * mask
+        return mask
 
     def dropped_positions(self, n: int, draws: int | None = None) -> torch.Tensor:
         """Sorted flat indices in [0, n), each included independently with probability p.
@@ -107,9 +106,6 @@ class SparseMaskDropout(nn.Module):
             start = int(positions[-1]) + 1
         positions = torch.cat(chunks) if len(chunks) > 2 else chunks[-1]
         return positions[:int(torch.searchsorted(positions, n))]
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 # per element (three ways to draw the same distribution), or whole feature maps per image
