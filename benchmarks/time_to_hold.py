@@ -15,8 +15,9 @@ images' statistics, initial weights from the seed), so `stage3` trains exactly w
   channels-last  + ChannelsLastConv2d and ChannelsLastMaxPool2d (oneDNN convolutions and pooling
                  channels-last), fp32, no weight average
   pool-first     + pooling before block 2's BatchNorm, ReLU and dropout (a quarter of their work)
-  stage3         + bf16 forward passes, evaluation through the weights' moving average:
-                 experiments/stage3.yaml
+  stage3-words16 + bf16 forward passes, evaluation through the weights' moving average (the
+                 default before the sparse mask)
+  stage3         + dropout masks that draw only the dropped positions: experiments/stage3.yaml
   lean           stage3 with LeanNet 9/17 (thin full-resolution block)
   baseline-lean  the DataLoader pipeline with lean's model
 
