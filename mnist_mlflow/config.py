@@ -33,7 +33,11 @@ class DataConfig:
 class ModelConfig:
     arch: Literal["tiny", "lean", "barebone"] = "tiny"
     width1: int = 9  # channels of the full-resolution block (tiny: and of the 1x1 transition)
-    width2: int = 16  # channels of the convolutions after the pooling
+    width2: int = 16  # channels of the convolution that is pooled (tiny: and, unless set, of the later ones)
+    width_transition: Optional[int] = None  # tiny: the 1x1 after the pooling; null: width1
+    width3: Optional[int] = None  # tiny: the three 3x3 convolutions after the transition; null: width2
+    width4: Optional[int] = None
+    width5: Optional[int] = None  # also what the head's 1x1 reads
     dropout: float = 0.05
     dropout_mask: Literal["bernoulli", "words16", "sparse", "channel"] = "bernoulli"  # see models.DROPOUTS
     channels_last_conv: bool = False  # see models.ChannelsLastConv2d
@@ -49,7 +53,7 @@ class AugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adam", "sgd"] = "adam"
+    name: Literal["adam", "adamw", "sgd"] = "adam"  # adamw: weight decay decoupled from the gradient
     lr: float = 0.01  # base lr; OneCycle's peak is schedule.max_lr
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
@@ -63,6 +67,9 @@ class ScheduleConfig:
     name: Literal["none", "onecycle", "step", "cosine"] = "onecycle"
     max_lr: float = 0.01  # onecycle peak
     pct_start: float = 0.2  # onecycle warm-up share
+    div_factor: float = 25.0  # onecycle: starts at max_lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: ends at the start lr / final_div_factor
+    anneal: Literal["cos", "linear"] = "cos"  # onecycle: shape of both phases
     step_size: int = 5  # step: epochs between decays
     gamma: float = 0.1  # step: decay factor
     min_lr: float = 0.0  # cosine floor
@@ -106,7 +113,10 @@ def validate(c: RunConfig) -> None:
         v = getattr(d, name)
         _check(v is None or v > 0, f"data.{name}", v, "a positive integer or null")
     _check(0 <= d.val_size < 60000, "data.val_size", d.val_size, "0 <= val_size < 60000")
-    _check(m.width1 > 0 and m.width2 > 0, "model.width*", (m.width1, m.width2), "positive")
+    for name in ("width1", "width2", "width_transition", "width3", "width4", "width5"):
+        v = getattr(m, name)
+        _check(v is None or v > 0, f"model.{name}", v, "a positive integer" +
+               ("" if name in ("width1", "width2") else " or null"))
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "0 <= dropout < 1")
     _check(m.max_params is None or m.max_params > 0, "model.max_params", m.max_params,
            "a positive integer or null")
@@ -123,6 +133,9 @@ def validate(c: RunConfig) -> None:
            "null or 0 < ema_decay < 1")
     _check(s.max_lr > 0, "schedule.max_lr", s.max_lr, "max_lr > 0")
     _check(0.0 < s.pct_start < 1.0, "schedule.pct_start", s.pct_start, "0 < pct_start < 1")
+    _check(s.div_factor >= 1.0, "schedule.div_factor", s.div_factor, "div_factor >= 1")
+    _check(s.final_div_factor >= 1.0, "schedule.final_div_factor", s.final_div_factor,
+           "final_div_factor >= 1")
     _check(s.step_size > 0, "schedule.step_size", s.step_size, "step_size > 0")
     _check(0.0 < s.gamma <= 1.0, "schedule.gamma", s.gamma, "0 < gamma <= 1")
     _check(0.0 <= s.min_lr, "schedule.min_lr", s.min_lr, "min_lr >= 0")
@@ -214,12 +227,32 @@ def from_dict(values: dict[str, Any], overrides: dict[str, Any] | None = None) -
     return _build(RunConfig, merged)
 
 
-def load(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
-    """Loads an experiment file and applies overrides (``["optim.lr=0.02", ...]`` or a dict)."""
+EXTENDS = "extends"  # an experiment file may derive from another and hold only its differences
+
+
+def read_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """An experiment file's values, merged over the file it `extends:` (a path relative to it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"config files extend each other in a cycle: {chain}")
     values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    base = values.pop(EXTENDS, None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: extends={base!r} is not allowed: the path of another "
+                          "experiment file, relative to this one")
+    return _merge(read_file(path.parent / base, (*_seen, path.resolve())), values)
+
+
+def load(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Loads an experiment file and applies overrides (``["optim.lr=0.02", ...]`` or a dict)."""
+    values = read_file(path)
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     return from_dict(values, overrides)
@@ -228,6 +261,17 @@ def load(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) 
 def replace(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """A copy of `config` with dotted overrides applied (validated like a fresh load)."""
     return from_dict(dataclasses.asdict(config), overrides)
+
+
+def differences(config: RunConfig, base: RunConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The nested values where `config` differs from `base`: an experiment file that
+    `extends:` base's file. Paths starting with an entry of `skip` are left out."""
+    mine, theirs = flatten(config), flatten(base)
+    out: dict[str, Any] = {}
+    for path, value in mine.items():
+        if value != theirs[path] and not path.startswith(skip):
+            out = _merge(out, _nest(path, value))
+    return out
 
 
 def flatten(config: RunConfig) -> dict[str, Any]:

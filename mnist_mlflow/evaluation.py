@@ -30,6 +30,29 @@ def hold_summary(accuracies: Sequence[float], target: float = 99.4, hold: int = 
     return HoldSummary(best, longest, reached, held)
 
 
+def best_window(accuracies: Sequence[float], hold: int) -> float:
+    """The highest accuracy held for `hold` consecutive epochs (for fewer epochs: their minimum)."""
+    n = min(hold, len(accuracies))
+    return float(max(min(accuracies[i:i + n]) for i in range(len(accuracies) - n + 1)))
+
+
+def hold_score(accuracies: Sequence[float], threshold: float, hold: int, horizon: int) -> float:
+    """How soon a `hold`-epoch run at >= threshold completes; lower is better.
+
+    Held: the epoch it completed, less up to 0.99 for how far above the threshold it held
+    (of the room up to 100 %), so the held accuracy only breaks ties between equal epochs.
+    Never held: horizon + 1 plus how many points the best `hold`-epoch window stayed below
+    the threshold, so it ranks behind every hold, and by how close it came.
+    """
+    if not len(accuracies):
+        raise ValueError("hold_score needs at least one epoch")
+    s = hold_summary(accuracies, threshold, hold)
+    if s.target_reached_epoch is not None:
+        above = (s.held_accuracy - threshold) / max(100.0 - threshold, 1e-9)
+        return s.target_reached_epoch - 0.99 * min(max(above, 0.0), 1.0)
+    return horizon + 1 + (threshold - best_window(accuracies, hold))
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int = 10) -> np.ndarray:
     """Rows are true labels, columns predictions."""
     return np.bincount(y_true * classes + y_pred, minlength=classes * classes).reshape(classes, classes)

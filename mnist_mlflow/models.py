@@ -185,9 +185,12 @@ class TinyNet(nn.Module):
 
     def __init__(self, width1: int = 9, width2: int = 16, dropout: float = 0.05,
                  mean: float = MNIST_MEAN, std: float = MNIST_STD, mask: str = "bernoulli",
-                 channels_last: bool = False, pool_before_bn: bool = False):
+                 channels_last: bool = False, pool_before_bn: bool = False,
+                 width_transition: int | None = None, width3: int | None = None,
+                 width4: int | None = None, width5: int | None = None):
         super().__init__()
         w1, w2 = width1, width2
+        widths = (w1, w2, width_transition or w1, width3 or w2, width4 or w2, width5 or w2)
         block = functools.partial(conv_bn, dropout=dropout, mask=mask, channels_last=channels_last)
 
         def pooled(cin: int, cout: int) -> list[nn.Module]:
@@ -195,15 +198,17 @@ class TinyNet(nn.Module):
                 return [block(cin, cout, pool=True)]
             return [block(cin, cout), (ChannelsLastMaxPool2d if channels_last else nn.MaxPool2d)(2)]
 
-        self.features = nn.Sequential(
-            Normalize(mean, std), *self.blocks(block, pooled, w1, w2))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(w2, 10, 1), nn.Flatten())
+        self.features = nn.Sequential(Normalize(mean, std), *self.blocks(block, pooled, widths))
+        last = [m for m in self.features.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(last, 10, 1), nn.Flatten())
 
     @staticmethod
-    def blocks(block, pooled, w1: int, w2: int) -> list[nn.Module]:
-        """`pooled(cin, cout)`: the convolution block followed by (or holding) the max-pooling."""
-        return [block(1, w1), *pooled(w1, w2), block(w2, w1, kernel=1),
-                block(w1, w2), block(w2, w2), block(w2, w2)]
+    def blocks(block, pooled, widths: tuple[int, ...]) -> list[nn.Module]:
+        """`pooled(cin, cout)`: the convolution block followed by (or holding) the max-pooling.
+        `widths`: conv1, conv2 (pooled), the 1x1 transition, conv3, conv4, conv5."""
+        w1, w2, wt, w3, w4, w5 = widths
+        return [block(1, w1), *pooled(w1, w2), block(w2, wt, kernel=1),
+                block(wt, w3), block(w3, w4), block(w4, w5)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -217,7 +222,8 @@ class LeanNet(TinyNet):
     """
 
     @staticmethod
-    def blocks(block, pooled, w1: int, w2: int) -> list[nn.Module]:
+    def blocks(block, pooled, widths: tuple[int, ...]) -> list[nn.Module]:
+        w1, w2 = widths[:2]
         return [block(1, w1), *pooled(w1, w1), block(w1, w2), block(w2, w2),
                 block(w2, w2)]
 
@@ -250,8 +256,12 @@ def build_model(cfg: ModelConfig, mean: float = MNIST_MEAN, std: float = MNIST_S
     """Builds the configured network and enforces the budget before anything trains."""
     if cfg.arch in ("tiny", "lean"):
         cls = TinyNet if cfg.arch == "tiny" else LeanNet
+        per_block = {} if cfg.arch == "lean" else {
+            "width_transition": cfg.width_transition, "width3": cfg.width3, "width4": cfg.width4,
+            "width5": cfg.width5}
         model = cls(cfg.width1, cfg.width2, cfg.dropout, mean, std, mask=cfg.dropout_mask,
-                    channels_last=cfg.channels_last_conv, pool_before_bn=cfg.pool_before_bn)
+                    channels_last=cfg.channels_last_conv, pool_before_bn=cfg.pool_before_bn,
+                    **per_block)
     elif cfg.arch == "barebone":
         model = BareboneNet(mean, std)
     else:
@@ -259,8 +269,14 @@ def build_model(cfg: ModelConfig, mean: float = MNIST_MEAN, std: float = MNIST_S
     n = count_params(model)
     if cfg.max_params is not None and n > cfg.max_params:
         raise BudgetError(f"model has {n:,} parameters, over the budget of {cfg.max_params:,} "
-                          f"(arch={cfg.arch}, width1={cfg.width1}, width2={cfg.width2})")
+                          f"(arch={cfg.arch}, {widths_text(cfg)})")
     return model
+
+
+def widths_text(cfg: ModelConfig) -> str:
+    """The set widths, as config paths: ``width1=9, width2=16, width3=12``."""
+    names = ("width1", "width2", "width_transition", "width3", "width4", "width5")
+    return ", ".join(f"{n}={getattr(cfg, n)}" for n in names if getattr(cfg, n) is not None)
 
 
 def param_count_of(cfg: ModelConfig) -> int:

@@ -157,6 +157,8 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "adam":
         return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
@@ -166,7 +168,8 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: 
     if s.name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=s.max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-            pct_start=s.pct_start), True
+            pct_start=s.pct_start, anneal_strategy=s.anneal, div_factor=s.div_factor,
+            final_div_factor=s.final_div_factor), True
     if s.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=epochs * steps_per_epoch, eta_min=s.min_lr), True

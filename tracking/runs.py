@@ -286,7 +286,7 @@ def prepare(cfg: C.RunConfig, mnist: Mnist | None = None) -> tuple[Mnist, Splits
 
 def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str | None = None,
                  nested: bool = False, tags: dict[str, str] | None = None,
-                 on_epoch_end: Optional[Callable[[EpochMetrics], None]] = None,
+                 on_epoch_end: Optional[Callable[[EpochMetrics], Optional[bool]]] = None,
                  log_model_artifact: bool = True, progress: bool = True,
                  checkpoints: bool = False, resume_run_id: str | None = None) -> RunOutcome:
     """Trains `cfg` inside one MLflow run in the active experiment and logs everything.
@@ -302,10 +302,9 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
               **{f"data.{k}_size": v for k, v in splits.sizes().items()},
               **versions(), "git_commit": git_commit()}
 
-    def on_epoch(m: EpochMetrics) -> None:
+    def on_epoch(m: EpochMetrics) -> Optional[bool]:
         log_epoch(m)
-        if on_epoch_end is not None:
-            on_epoch_end(m)
+        return on_epoch_end(m) if on_epoch_end is not None else None  # True: stop training
 
     start = ({"run_id": resume_run_id} if resume_run_id else
              {"run_name": run_name or cfg.stage, "nested": nested, "tags": {"stage": cfg.stage, **(tags or {})}})

@@ -57,6 +57,7 @@ class Options:
     test_limit: Optional[int] = None
     experiment: str = ""
     overrides: tuple[str, ...] = ()
+    max_params: Optional[int] = None  # search.max_params
     study_trials: Optional[int] = None  # shared search: finished trials of the whole study
     heartbeat: Optional[int] = None  # seconds; None: HEARTBEAT_S
 
@@ -157,7 +158,7 @@ def resolve(opts: Options) -> tuple[SearchSpec, dict]:
                         ("data.test_limit", opts.test_limit)):
         if value is not None:
             overrides[path] = value
-    spec = load_search(opts.config, overrides)
+    spec = load_search(opts.config, overrides, max_params=opts.max_params)
     s = spec.settings
     plan = {"n_trials": opts.n_trials or s.n_trials, "storage": opts.storage or s.storage,
             "study_name": opts.study_name or s.study_name, "timeout": opts.timeout,
@@ -212,6 +213,8 @@ def run_shared(opts: Options, spec: SearchSpec, plan: dict, mnist: Mnist | None)
     experiment_id = use_experiment(opts.experiment)
     study, created = search_study.create_or_load(storage, plan["study_name"])
     search_study.check_settings(spec, study)
+    if created:
+        search_study.enqueue_base(spec, study)
     client = mlflow.MlflowClient()
 
     def create_parent() -> tuple[str, str]:
@@ -291,7 +294,7 @@ def log_search_params(spec: SearchSpec, plan: dict, queued: list[int], run_id: s
         "search.workers": plan["workers"], "search.seed": plan["seed"],
         "search.timeout": plan["timeout"], "search.epochs": spec.base.optim.epochs,
         "search.budget": spec.budget, "search.pruner": s.pruner,
-        "search.objective": f"min val_accuracy over the last {s.objective_last_epochs} epochs",
+        "search.objective": search_report.objective_text(spec), "search.val_margin": s.val_margin,
         "search.requeued_trials": queued}
     if plan["study_trials"] is not None:
         params.update({"search.study_trials": plan["study_trials"],
@@ -328,7 +331,7 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--heartbeat", default="", help=f"seconds between a running trial's "
                    f"heartbeats in database storage (default {HEARTBEAT_S}); a trial silent for "
                    "3 heartbeats is failed and retried")
-    p.add_argument("--epochs", default="", help="optim.epochs of every trial")
+    p.add_argument("--epochs", default="", help="optim.epochs of every trial (no longer searched)")
     p.add_argument("--storage", default="", help="sqlite:///optuna.db (the file's default), "
                                                  "journal:<file>, or any SQLAlchemy URL")
     p.add_argument("--study-name", default="", help="Optuna study; same name + storage = resume")
@@ -337,10 +340,13 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--seed", default="", help="sampler seed (default: the file's)")
     p.add_argument("--train-limit", default="", help="data.train_limit: train on the first N images")
     p.add_argument("--test-limit", default="", help="data.test_limit (reporting only)")
+    p.add_argument("--max-params", default="", help="the hard parameter budget (default: the "
+                                                      "file's search.max_params, 8,000)")
     p.add_argument("--experiment", default="", help="MLflow experiment (default mnist-mlflow, "
                                                     "or the one `mlflow run` set)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="run-config override for every trial, e.g. --set data.val_size=5000")
+                   help="run-config override for every trial, e.g. --set data.val_size=5000 "
+                        "(repeatable; one argument may hold several, space-separated)")
     a = p.parse_args(argv)
     return Options(
         config=a.config, n_trials=_number(int, "n-trials", a.n_trials, 1),
@@ -349,6 +355,7 @@ def parse_args(argv: list[str] | None) -> Options:
         workers=_number(int, "workers", a.workers, 1) or 1, seed=_number(int, "seed", a.seed, 0),
         train_limit=_number(int, "train-limit", a.train_limit, 1),
         test_limit=_number(int, "test-limit", a.test_limit, 1), experiment=a.experiment,
+        max_params=_number(int, "max-params", a.max_params, 1),
         overrides=tuple(o for item in a.overrides for o in item.split()),
         study_trials=_number(int, "study-trials", a.study_trials, 1),
         heartbeat=_number(int, "heartbeat", a.heartbeat, 1))
@@ -360,8 +367,10 @@ def print_result(r: SearchResult) -> None:
           f"{c['rejected']} rejected (over budget), {c['failed']} failed"
           + (f", {c['surplus']} surplus" if c["surplus"] else ""))
     if r.best is not None:
-        print(f"best trial {r.best.number}: objective {r.best.value:.2f}% "
-              f"({r.best.user_attrs['num_params']:,} parameters)")
+        held = r.best.user_attrs.get("val_hold_epoch")
+        print(f"best trial {r.best.number}: objective {r.best.value:.3f} "
+              + (f"(validation hold completed at epoch {held}) " if held else "(never held) ")
+              + f"({r.best.user_attrs['num_params']:,} parameters)")
         for k, v in r.best.params.items():
             print(f"  {k} = {v}")
         print(f"best config: mlflow artifacts download -r {r.parent_run_id} "

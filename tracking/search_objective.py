@@ -2,7 +2,7 @@
 
 Every trial leaves a child run under the search's parent run, tagged ``trial_state``:
 
-    COMPLETE  run FINISHED, metric `objective`
+    COMPLETE  run FINISHED, metric `objective` (lower is better: see HoldReporter)
     PRUNED    run KILLED: the pruner stopped it (its per-epoch metrics show where)
     REJECTED  run KILLED, never trained: over the parameter budget (tag `rejected_reason`)
     FAIL      run FAILED, or KILLED when interrupted (tag `error`); FAILED too when its
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import NoReturn, Optional
 
 import mlflow
@@ -29,7 +28,8 @@ from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
 from mnist_mlflow.data import Mnist
-from mnist_mlflow.models import param_count_of
+from mnist_mlflow.evaluation import hold_score, hold_summary
+from mnist_mlflow.models import param_count_of, widths_text
 from mnist_mlflow.train import EpochMetrics
 from tracking import runs
 from tracking.search_space import SearchSpec, sample_params
@@ -69,19 +69,43 @@ def retry_of(trial: optuna.Trial | optuna.trial.FrozenTrial) -> Optional[int]:
     return trial.user_attrs.get("retry_of")
 
 
-def objective_value(val_accuracies: list[float], last: int) -> float:
-    """Held validation accuracy: the minimum over the last `last` epochs (all, if fewer).
+class HoldReporter:
+    """The per-epoch hook inside a trial's training, on validation accuracy only.
 
-    The minimum rewards a plateau that holds, like the target, rather than one lucky epoch.
+    Reports the hold score so far (`mnist_mlflow.evaluation.hold_score`: lower is better, the
+    study minimizes), so Optuna's pruners compare values in the study's own direction; prunes;
+    and ends training once the hold completes, since nothing later can change the score.
     """
-    return float(min(val_accuracies[-last:]))
 
+    def __init__(self, trial: optuna.Trial, spec: SearchSpec):
+        self.trial, self.spec = trial, spec
+        self.val: list[float] = []
 
-def report_epoch(trial: optuna.Trial, m: EpochMetrics) -> None:
-    """Per-epoch hook inside training: validation accuracy only, never the test set."""
-    trial.report(m.val_accuracy, m.epoch)
-    if trial.should_prune():
-        raise optuna.TrialPruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%")
+    @property
+    def value(self) -> float:
+        t = self.spec.base.target
+        return hold_score(self.val, self.spec.threshold, t.hold, self.spec.horizon)
+
+    @property
+    def held(self) -> bool:
+        t = self.spec.base.target
+        return hold_summary(self.val, self.spec.threshold, t.hold).target_reached_epoch is not None
+
+    def __call__(self, m: EpochMetrics) -> bool:
+        self.val.append(m.val_accuracy)
+        self.trial.report(self.value, m.epoch)
+        if self.held:
+            return True  # stop: the objective is final
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%, "
+                                     f"score {self.value:.3f}")
+        return False
+
+    def report_rest(self, epochs: int) -> None:
+        """A trial that held early reports its final score for the epochs it skipped, so the
+        pruner's later steps compare against it too."""
+        for step in range(len(self.val) + 1, epochs + 1):
+            self.trial.report(self.value, step)
 
 
 class Objective:
@@ -126,7 +150,7 @@ class Objective:
     def _reject(self, trial: optuna.Trial, cfg: C.RunConfig, count: int) -> NoReturn:
         """Pruned in Optuna (never COMPLETE, so never best), REJECTED in MLflow; no training."""
         reason = (f"{count:,} parameters, over the budget of {self.ctx.spec.budget:,} "
-                  f"(model.width1={cfg.model.width1}, model.width2={cfg.model.width2})")
+                  f"({widths_text(cfg.model)})")
         trial.set_user_attr("rejected", reason)
         params = {**C.flatten(cfg), "num_params": count}
         run_id = self._stub_run(trial, "REJECTED", "KILLED", {"rejected_reason": reason}, params)
@@ -134,10 +158,11 @@ class Objective:
         raise optuna.TrialPruned(f"rejected: {reason}")
 
     def _train(self, trial: optuna.Trial, cfg: C.RunConfig) -> float:
+        reporter = HoldReporter(trial, self.ctx.spec)
         try:
             outcome = runs.run_training(
                 cfg, mnist=self.ctx.mnist, nested=True, run_name=f"trial-{trial.number}",
-                tags=self._tags(trial, "RUNNING"), on_epoch_end=partial(report_epoch, trial),
+                tags=self._tags(trial, "RUNNING"), on_epoch_end=reporter,
                 log_model_artifact=self.ctx.spec.settings.log_models, progress=False)
         except optuna.TrialPruned as exc:
             self._close(trial, "PRUNED", "KILLED", {"pruned_reason": str(exc)})
@@ -149,9 +174,12 @@ class Objective:
         except Exception as exc:
             self._close(trial, "FAIL", None, {"error": repr(exc)[:4000]})
             raise
-        value = objective_value([h.val_accuracy for h in outcome.result.history],
-                                self.ctx.spec.settings.objective_last_epochs)
+        value = reporter.value
+        reporter.report_rest(cfg.optim.epochs)
+        trial.set_user_attr("val_hold_epoch", len(reporter.val) if reporter.held else None)
         self.client.log_metric(outcome.run_id, "objective", value)
+        if reporter.held:
+            self.client.log_metric(outcome.run_id, "val_hold_epoch", len(reporter.val))
         self.client.set_tag(outcome.run_id, TRIAL_STATE, "COMPLETE")
         trial.set_user_attr("mlflow_run_id", outcome.run_id)
         return value

@@ -21,7 +21,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_mlflow import config as C
 from mnist_mlflow import figures  # its import also selects the headless matplotlib backend
-from tracking.search_space import SearchSpec
+from pathlib import Path
+
+from tracking.search_space import WIDTH_DEFAULTS, SearchSpec
 
 log = logging.getLogger(__name__)
 BEST_CONFIG = "best_config.yaml"
@@ -63,14 +65,33 @@ def best_config(trial: FrozenTrial) -> C.RunConfig:
 
 
 def best_config_yaml(study: optuna.Study, trial: FrozenTrial, spec: SearchSpec) -> str:
+    """An experiment file for experiments/: stage 3's, with the trial's differences."""
     cfg = best_config(trial)
+    parent = C.load(spec.extends) if spec.extends else C.RunConfig()
+    held = trial.user_attrs.get("val_hold_epoch")
     header = (f"# Best trial of Optuna study {study.study_name!r}: trial {trial.number}, objective "
-              f"{trial.value:.4f} (minimum validation accuracy over the last "
-              f"{spec.settings.objective_last_epochs} epochs), {trial.user_attrs['num_params']:,} "
-              "parameters.\n"
-              "# Retrain it as a tracked run: python -m tracking.stage best_config.yaml\n"
-              "# (add --set data.val_size=0 to train on all 60,000 training images).\n")
-    return header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+              f"{trial.value:.4f} ({objective_text(spec)}; "
+              + (f"validation hold completed at epoch {held}" if held else "never held") +
+              f"), {trial.user_attrs['num_params']:,} parameters.\n"
+              "# Copy it to experiments/ and train it as stage 3 does, on all 60,000 images:\n"
+              "#   python -m tracking.stage experiments/best_config.yaml\n"
+              "# or confirm it over seeds and numerics first: python -m tracking.confirm\n")
+    body = ({"extends": Path(spec.extends).name} if spec.extends else {}) | {
+        "stage": "search-best",
+        **C.differences(resolved_widths(cfg), resolved_widths(parent), skip=("data.", "stage", "target."))}
+    return header + yaml.safe_dump(body, sort_keys=False)
+
+
+def resolved_widths(cfg: C.RunConfig) -> C.RunConfig:
+    """Null widths ("as an earlier one") replaced by their values, so equal networks compare equal."""
+    flat = C.flatten(cfg)
+    return C.replace(cfg, {p: flat[src] for p, src in WIDTH_DEFAULTS.items() if flat[p] is None})
+
+
+def objective_text(spec: SearchSpec) -> str:
+    t = spec.base.target
+    return (f"epoch at which validation accuracy has held >= {spec.threshold:g}% for {t.hold} "
+            f"epochs, lower is better; never held: {spec.horizon + 1} + points short")
 
 
 def log_summary(study: optuna.Study, spec: SearchSpec, run_id: str) -> Optional[FrozenTrial]:

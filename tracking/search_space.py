@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -23,8 +24,8 @@ from mnist_mlflow.config import ConfigError
 
 # Paths a search must not vary, and why: trials are only comparable when these are equal.
 FIXED_PATHS = {
-    "model.max_params": "the parameter budget is the constraint, not a hyperparameter",
-    "optim.epochs": "every trial trains equally long (set it with --epochs)",
+    "model.max_params": "the parameter budget is the constraint, not a hyperparameter "
+                        "(set it with search.max_params)",
     "seed": "searching the seed fits noise",
     "stage": "run plumbing", "device": "run plumbing", "study_data": "run plumbing",
 }
@@ -59,7 +60,12 @@ class Settings:
     n_trials: int = 30
     study_name: str = "mnist-search"
     storage: str = "sqlite:///optuna.db"
-    objective_last_epochs: int = 4  # objective = min val accuracy over these last epochs
+    max_params: int = 8000  # the hard budget: a trial over it never trains
+    # The objective's threshold on validation accuracy is target.accuracy + val_margin:
+    # validation images are scored against, not the test set.
+    val_margin: float = 0.0
+    fixed: tuple = ()  # config paths the space may not search (the assignment's fixed points)
+    enqueue_base: bool = True  # a new study's first trial is the base config (the incumbent)
     log_models: bool = False  # a model per trial costs time and disk; the best is retrained
     sampler: dict = dataclasses.field(default_factory=lambda: {"seed": 0, "n_startup_trials": 10})
     pruner: dict = dataclasses.field(default_factory=lambda: {"name": "median"})
@@ -71,34 +77,60 @@ class SearchSpec:
     space: tuple[Param, ...]
     settings: Settings
     source: str  # the file it came from
+    extends: Optional[str] = None  # the experiment file it derives from (resolved path)
 
     @property
     def budget(self) -> int:
-        return self.base.model.max_params
+        return self.settings.max_params
+
+    @property
+    def threshold(self) -> float:
+        """Validation accuracy a trial must hold, percent."""
+        return self.base.target.accuracy + self.settings.val_margin
+
+    @property
+    def horizon(self) -> int:
+        """The longest a trial can train (epochs): a trial that never holds ranks after it."""
+        epochs = [self.base.optim.epochs]
+        for p in self.space:
+            if p.path == "optim.epochs":
+                d = p.distribution
+                epochs += list(d.choices) if isinstance(d, CategoricalDistribution) else [d.high]
+        return int(max(epochs))
 
 
 # ---------------------------------------------------------------- loading
 
-def load_search(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
-    """Reads a search file; `overrides` (dotted paths) apply to its run config part."""
+def load_search(path: str | Path, overrides: dict[str, Any] | None = None,
+                max_params: int | None = None) -> SearchSpec:
+    """Reads a search file; `overrides` (dotted paths) apply to its run config part,
+    `max_params` replaces search.max_params."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"search file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = C.read_file(path)  # with the file it extends (experiments/stage3.yaml)
+    parent = (yaml.safe_load(path.read_text()) or {}).get(C.EXTENDS)
+    extends = str((path.parent / parent).resolve()) if parent else None
     # config.load refuses unknown top-level keys, so split ours off before it sees them.
     space_raw, settings_raw = raw.pop("space", None), raw.pop("search", None) or {}
-    base = C.from_dict(raw, overrides)
-    if base.model.max_params is None:
-        raise ConfigError(f"{path}: model.max_params is null; a search needs a parameter budget")
+    if max_params is not None:
+        settings_raw = {**settings_raw, "max_params": max_params}
+    settings = parse_settings(settings_raw)
+    # The budget is the search's: every trial's model is built against it.
+    base = C.from_dict(raw, {**(overrides or {}), "model.max_params": settings.max_params})
     if base.data.val_size <= 0:
         raise ConfigError(f"{path}: data.val_size={base.data.val_size}; trials are scored on a "
                           "validation split, so it must be > 0")
     if not space_raw or not isinstance(space_raw, dict):
         raise ConfigError(f"{path}: `space:` must be a non-empty mapping of config path -> "
                           "distribution")
-    return SearchSpec(base, parse_space(space_raw, base), parse_settings(settings_raw), str(path))
+    space = parse_space(space_raw, base, settings.fixed)
+    # An override of a searched path fixes it: e.g. --epochs 2 for a quick look.
+    fixed_now = set(overrides or {})
+    space = tuple(p for p in space if p.path not in fixed_now)
+    if not space:
+        raise ConfigError(f"{path}: the overrides fix every searched path; nothing is left to search")
+    return SearchSpec(base, space, settings, str(path), extends)
 
 
 def parse_settings(raw: dict[str, Any]) -> Settings:
@@ -112,18 +144,28 @@ def parse_settings(raw: dict[str, Any]) -> Settings:
     s = Settings(**{**dataclasses.asdict(Settings()), **raw})
     _need(isinstance(s.n_trials, int) and s.n_trials > 0, "search.n_trials", s.n_trials,
           "an integer > 0")
-    _need(isinstance(s.objective_last_epochs, int) and s.objective_last_epochs > 0,
-          "search.objective_last_epochs", s.objective_last_epochs, "an integer > 0")
+    _need(isinstance(s.max_params, int) and not isinstance(s.max_params, bool) and s.max_params > 0,
+          "search.max_params", s.max_params, "an integer > 0")
+    margin = s.val_margin
+    _need(isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin)
+          and abs(margin) < 5, "search.val_margin", margin, "a number of percentage points, -5..5")
+    _need(isinstance(s.fixed, (list, tuple)) and all(isinstance(f, str) for f in s.fixed),
+          "search.fixed", s.fixed, "a list of config paths")
+    s = dataclasses.replace(s, val_margin=float(margin), fixed=tuple(s.fixed))
     _need(isinstance(s.log_models, bool), "search.log_models", s.log_models, "true or false")
+    _need(isinstance(s.enqueue_base, bool), "search.enqueue_base", s.enqueue_base, "true or false")
     _need(isinstance(s.sampler, dict) and set(s.sampler) <= {"seed", "n_startup_trials"},
           "search.sampler", s.sampler, "a mapping with seed and/or n_startup_trials")
     make_pruner(s.pruner)  # fails here, not in the first trial
     return s
 
 
-def parse_space(raw: dict[str, Any], base: C.RunConfig) -> tuple[Param, ...]:
+def parse_space(raw: dict[str, Any], base: C.RunConfig, fixed: tuple[str, ...] = ()) -> tuple[Param, ...]:
     """In file order: a condition may only name a parameter sampled before it."""
     known = C.flatten(base)
+    for path in fixed:
+        if path not in known:
+            raise ConfigError(f"search.fixed: unknown config path {path!r}{_did_you_mean(path, known)}")
     params: list[Param] = []
     order = list(raw)
     for i, (path, spec) in enumerate(raw.items()):
@@ -131,7 +173,8 @@ def parse_space(raw: dict[str, Any], base: C.RunConfig) -> tuple[Param, ...]:
             raise ConfigError(f"space: unknown config path {path!r}{_did_you_mean(path, known)}; "
                               f"allowed: {', '.join(known)}")
         reason = FIXED_PATHS.get(path) or next(
-            (why for prefix, why in FIXED_PREFIXES.items() if path.startswith(prefix)), None)
+            (why for prefix, why in FIXED_PREFIXES.items() if path.startswith(prefix)), None) or (
+            "the search file fixes it (search.fixed)" if path in fixed else None)
         if reason:
             raise ConfigError(f"space: {path!r} cannot be searched: {reason}")
         if not isinstance(spec, dict):
@@ -236,6 +279,31 @@ def sample_params(trial: optuna.Trial, space: tuple[Param, ...], base: C.RunConf
             v = trial.suggest_float(p.path, d.low, d.high, step=d.step, log=d.log)
         params[p.path] = values[p.path] = v
     return params
+
+
+# A null width means "as an earlier one": the base's actual value, for the incumbent trial.
+WIDTH_DEFAULTS = {"model.width_transition": "model.width1", "model.width3": "model.width2",
+                  "model.width4": "model.width2", "model.width5": "model.width2"}
+
+
+def base_params(spec: SearchSpec) -> dict[str, Any]:
+    """The base config as values of the space (clipped into ranges; a categorical that lacks
+    the base's value is left to the sampler), for enqueueing it as the study's first trial."""
+    values = C.flatten(spec.base)
+    for path, source in WIDTH_DEFAULTS.items():
+        if values[path] is None:
+            values[path] = values[source]
+    out: dict[str, Any] = {}
+    for p in spec.space:
+        if not p.active(values):
+            continue
+        d, v = p.distribution, values[p.path]
+        if isinstance(d, CategoricalDistribution):
+            if v in d.choices:
+                out[p.path] = v
+        elif v is not None:
+            out[p.path] = min(max(v, d.low), d.high)
+    return out
 
 
 def make_sampler(settings: Settings, seed: Optional[int]) -> optuna.samplers.TPESampler:

@@ -14,8 +14,9 @@ from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
 from tracking.search_objective import TrialRuns
-from tracking.search_space import SearchSpec
+from tracking.search_space import SearchSpec, base_params
 
+OBJECTIVE = "hold-epoch"  # the objective's name and version, stored with the study
 HEARTBEAT_S, MAX_RETRY = 60, 2  # RDB storage: a trial silent for 3 heartbeats is stale
 
 
@@ -80,31 +81,41 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
 def fixed_settings(spec: SearchSpec) -> dict:
     """What all trials of one study must share, or their objectives are not comparable."""
     b = spec.base
-    return {"optim.epochs": b.optim.epochs, "data.val_size": b.data.val_size,
+    return {"data.val_size": b.data.val_size,
             "data.split_seed": b.data.split_seed, "data.train_limit": b.data.train_limit,
-            "budget": spec.budget, "objective_last_epochs": spec.settings.objective_last_epochs}
+            "budget": spec.budget, "objective": OBJECTIVE, "threshold": spec.threshold,
+            "hold": b.target.hold, "horizon": spec.horizon}
 
 
 def create_or_load(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study, bool]:
     """The study, and whether this call created it: the database decides, so among workers
     starting at once exactly one is the creator."""
     try:
-        return optuna.create_study(storage=storage, study_name=name, direction="maximize"), True
+        return optuna.create_study(storage=storage, study_name=name, direction="minimize"), True
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(study_name=name, storage=storage), False
 
 
 def open_study(spec: SearchSpec, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
     """Creates or loads the study; refuses to resume it under different fixed settings."""
-    study, _ = create_or_load(storage, name)
+    study, created = create_or_load(storage, name)
     check_settings(spec, study)
+    if created:
+        enqueue_base(spec, study)
     return study
+
+
+def enqueue_base(spec: SearchSpec, study: optuna.Study) -> None:
+    """The base config (stage 3's recipe) as the first trial: the search starts from the incumbent."""
+    if spec.settings.enqueue_base:
+        study.enqueue_trial(base_params(spec), user_attrs={"incumbent": True})
 
 
 def check_settings(spec: SearchSpec, study: optuna.Study) -> None:
     name = study.study_name
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise C.ConfigError(f"study {name!r} exists and minimizes; this search maximizes accuracy")
+    if study.direction != optuna.study.StudyDirection.MINIMIZE:
+        raise C.ConfigError(f"study {name!r} exists and maximizes (an older objective); this search "
+                            "minimizes the epoch of the validation hold: use another --study-name")
     want, have = fixed_settings(spec), study.user_attrs.get("fixed_settings")
     if have is None:
         study.set_user_attr("fixed_settings", want)

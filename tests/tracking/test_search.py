@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -29,10 +30,12 @@ ROTATION = {"augment.rotation_degrees": {"type": "float", "low": 0.0, "high": 15
 
 
 def write_search(tmp_path: Path, space: dict, **settings) -> Path:
-    """experiments/search.yaml with another space and search settings."""
+    """experiments/search.yaml with another space and search settings (by default no fixed
+    paths and no incumbent trial, so that trial numbers are the sampler's)."""
     raw = yaml.safe_load(SEARCH_YAML.read_text())
+    raw["extends"] = str(SEARCH_YAML.parent / raw["extends"])
     raw["space"] = space
-    raw["search"].update(settings)
+    raw["search"].update({"fixed": [], "enqueue_base": False, **settings})
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -119,40 +122,72 @@ def test_mlproject_search_entry_passes_every_parameter():
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
     params = entry["parameters"]
     assert set(params) == {"n_trials", "epochs", "storage", "study_name", "timeout", "workers",
-                           "seed", "train_limit", "test_limit"}
+                           "seed", "train_limit", "test_limit", "max_params", "set"}
     argv = shlex.split(entry["command"].format(**{k: shlex.quote(v["default"])
                                                   for k, v in params.items()}))
     assert argv[:3] == ["python", "-m", "tracking.search"]
     assert search.parse_args(argv[3:]) == search.Options()  # '' everywhere: the file decides
 
 
-def test_the_search_file_searches_schedule_and_augmentation_under_the_budget():
+def test_the_search_file_is_stage_3_apart_from_the_keys_it_declares():
+    """Derived, never copied: a stage-3 recipe change reaches the search's base config."""
+    spec = load_search(SEARCH_YAML)
+    declared = C.flatten(C.from_dict({k: v for k, v in yaml.safe_load(SEARCH_YAML.read_text()).items()
+                                      if k not in ("extends", "search", "space")}))
+    declared = {k for k, v in declared.items() if v != C.flatten(C.RunConfig())[k]}
+    stage3, base = C.flatten(C.load(ROOT / "experiments/stage3.yaml")), C.flatten(spec.base)
+    drift = {k: (stage3[k], base[k]) for k in stage3 if stage3[k] != base[k] and k not in declared}
+    assert drift == {}
+    assert declared == {"stage", "data.val_size"}
+    assert spec.extends == str(ROOT / "experiments/stage3.yaml")
+
+
+def test_the_search_file_keeps_the_assignments_fixed_points_and_searches_the_rest():
     spec = load_search(SEARCH_YAML)
     space = {p.path: p for p in spec.space}
-    assert spec.base.stage == "search" and spec.base.data.val_size == 10000
-    assert spec.budget == 8000 and spec.base.model.dropout == 0.05 and "model.dropout" not in space
-    assert set(space["schedule.name"].distribution.choices) == {"onecycle", "step", "cosine"}
-    assert (space["augment.rotation_degrees"].distribution.low,
-            space["augment.rotation_degrees"].distribution.high) == (0.0, 15.0)
-    assert space["augment.thickness_prob"].distribution.high == 0.5
-    assert space["schedule.pct_start"].when == (("schedule.name", ("onecycle",)),)
-    assert space["schedule.step_size"].when == space["schedule.gamma"].when == (("schedule.name", ("step",)),)
-    assert space["optim.momentum"].when == (("optim.name", ("sgd",)),)
-    widths = [(a, b) for a in space["model.width1"].distribution.choices
-              for b in space["model.width2"].distribution.choices]
-    over = {w: param_count_of(C.ModelConfig(width1=w[0], width2=w[1])) for w in widths}
-    over = {w: n for w, n in over.items() if n > 8000}
-    assert over == {(10, 16): 8076, (12, 16): 8710}  # the budget really binds
+    assert spec.budget == 8000 and spec.base.model.max_params == 8000
+    assert spec.base.model.dropout == 0.05 and spec.base.augment.rotation_degrees == 6.9
+    assert not {"model.dropout", "augment.rotation_degrees", "model.max_params"} & set(space)
+    assert {"optim.epochs", "optim.name", "optim.batch_size", "optim.ema_decay", "schedule.max_lr",
+            "schedule.pct_start", "schedule.anneal", "augment.thickness_prob", "model.width1",
+            "model.width2", "model.width_transition", "model.width3", "model.width4",
+            "model.width5"} <= set(space)
+    assert spec.horizon == 15 and spec.threshold == pytest.approx(99.3)
+    with pytest.raises(ConfigError, match="fixes it"):  # the file refuses to search them
+        load_search(write_search(Path(tempfile.mkdtemp()), ROTATION,
+                                 fixed=["augment.rotation_degrees"]))
+
+
+def test_the_budget_is_a_search_setting_and_binds(tmp_path):
+    spec = load_search(SEARCH_YAML, max_params=5000)
+    assert spec.budget == spec.base.model.max_params == 5000
+    small = C.ModelConfig(width1=6, width2=10, width_transition=6, width3=10, width4=10,
+                          width5=10, max_params=None)
+    assert param_count_of(small) <= 5000 < param_count_of(C.ModelConfig(max_params=None))
+
+
+def test_the_base_config_is_the_first_trial(tmp_path):
+    spec = load_search(SEARCH_YAML)
+    storage = search_study.open_storage(f"journal:{tmp_path}/optuna.log")
+    study = search_study.open_study(spec, storage, "s")
+    trial = study.ask()
+    cfg = C.replace(spec.base, sample_params(trial, spec.space, spec.base))
+    assert trial.user_attrs["incumbent"] is True
+    assert param_count_of(cfg.model) == param_count_of(spec.base.model) == 7759
+    flat, base = C.flatten(cfg), C.flatten(spec.base)
+    assert {k for k in flat if flat[k] != base[k]} <= {
+        "optim.weight_decay", "model.width_transition", "model.width3", "model.width4", "model.width5"}
+    assert cfg.optim.weight_decay <= 1e-6  # 0 clipped into the log range
 
 
 def test_the_seed_fixes_the_sampled_params():
     spec = load_search(SEARCH_YAML)
 
     def sampled(seed: int) -> list[dict]:
-        study = optuna.create_study(direction="maximize", sampler=make_sampler(spec.settings, seed))
-        # 12 trials: past the 10 random startup trials, into TPE proper
-        study.optimize(lambda t: sample_params(t, spec.space, spec.base)["augment.rotation_degrees"],
-                       n_trials=12)
+        study = optuna.create_study(direction="minimize", sampler=make_sampler(spec.settings, seed))
+        # 10 trials: past the 8 random startup trials, into TPE proper
+        study.optimize(lambda t: sample_params(t, spec.space, spec.base)["schedule.max_lr"],
+                       n_trials=10)
         return [t.params for t in study.trials]
 
     assert sampled(3) == sampled(3)
@@ -166,7 +201,7 @@ def test_a_study_resumes_only_under_the_same_fixed_settings(tmp_path):
     config = write_search(tmp_path, ROTATION)
     search_study.open_study(load_search(config, {"optim.epochs": 3}), storage, "s")
     search_study.open_study(load_search(config, {"optim.epochs": 3}), storage, "s")  # resumes
-    with pytest.raises(ConfigError, match=r"optim.epochs=3 \(now 5\)"):
+    with pytest.raises(ConfigError, match=r"horizon=3 \(now 5\)"):
         search_study.open_study(load_search(config, {"optim.epochs": 5}), storage, "s")
 
 
@@ -262,13 +297,20 @@ def test_failures_do_not_stop_the_study_and_runs_nest_under_the_parent(tmp_path,
     figures = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/optimization_history.png", "figures/intermediate_values.png"} <= figures
 
-    # best_config.yaml is a stage file: tracking.stage runs it as it is
+    # best_config.yaml is stage 3's file with the trial's recipe: copied next to stage3.yaml
+    # (into experiments/), tracking.stage runs it as it is
     best_yaml = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
                                                     artifact_path="best_config.yaml", dst_path=str(tmp_path))
-    best = C.load(best_yaml)
-    assert C.flatten(best) == {**result.study.trials[2].user_attrs["config"], "stage": "search-best"}
+    assert yaml.safe_load(Path(best_yaml).read_text())["extends"] == "stage3.yaml"
+    (tmp_path / "stage3.yaml").write_text((ROOT / "experiments/stage3.yaml").read_text())
+    best = C.flatten(C.load(best_yaml))
+    trial = result.study.trials[2].user_attrs["config"]
+    recipe = [k for k in trial if not k.startswith(("data.", "target.", "stage"))]
+    assert {k: best[k] for k in recipe} == {k: trial[k] for k in recipe}
+    assert best["data.val_size"] == 0 and best["stage"] == "search-best"  # trains on all 60,000
     from tracking import stage
-    assert stage.main([best_yaml, "--no-progress", "--experiment", "best-rerun"]) == 0
+    assert stage.main([best_yaml, "--no-progress", "--experiment", "best-rerun", "--train-limit", "256",
+                       "--test-limit", "300"]) == 0
 
 
 def test_an_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist, tracking_uri,
