@@ -72,9 +72,12 @@ def retry_of(trial: optuna.Trial | optuna.trial.FrozenTrial) -> Optional[int]:
 class HoldReporter:
     """The per-epoch hook inside a trial's training, on validation accuracy only.
 
-    Reports the hold score so far (`mnist_mlflow.evaluation.hold_score`: lower is better, the
-    study minimizes), so Optuna's pruners compare values in the study's own direction; prunes;
-    and ends training once the hold completes, since nothing later can change the score.
+    Reports a lower-is-better score per epoch, as the study minimizes, so Optuna's pruners
+    compare values in the study's own direction: once held, the final score
+    (`mnist_mlflow.evaluation.hold_score`); before, horizon + 1 + how many points this epoch's
+    accuracy is short of the threshold (the final score's best 4-epoch window would still
+    contain epoch 1 at epoch 4, so early pruning would judge the warm-up). Prunes, and ends
+    training once the hold completes, since nothing later can change the score.
     """
 
     def __init__(self, trial: optuna.Trial, spec: SearchSpec):
@@ -91,14 +94,20 @@ class HoldReporter:
         t = self.spec.base.target
         return hold_summary(self.val, self.spec.threshold, t.hold).target_reached_epoch is not None
 
+    @property
+    def progress(self) -> float:
+        if self.held:
+            return self.value
+        return self.spec.horizon + 1 + (self.spec.threshold - self.val[-1])
+
     def __call__(self, m: EpochMetrics) -> bool:
         self.val.append(m.val_accuracy)
-        self.trial.report(self.value, m.epoch)
+        self.trial.report(self.progress, m.epoch)
         if self.held:
             return True  # stop: the objective is final
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%, "
-                                     f"score {self.value:.3f}")
+                                     f"score {self.progress:.3f}")
         return False
 
     def report_rest(self, epochs: int) -> None:

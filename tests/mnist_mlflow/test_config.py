@@ -42,3 +42,31 @@ def test_bad_values_name_the_value_and_what_is_allowed(override, message):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(C.ConfigError, match="does not exist"):
         C.load(tmp_path / "nope.yaml")
+
+
+def test_a_file_extends_another_relative_to_itself_and_overrides_it(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("stage: base\noptim: {epochs: 7, batch_size: 64}\n")
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\nstage: child\noptim: {epochs: 3}\n")
+    cfg = C.load(tmp_path / "sub" / "child.yaml", ["optim.batch_size=32"])
+    assert (cfg.stage, cfg.optim.epochs, cfg.optim.batch_size) == ("child", 3, 32)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}, "cycle"),
+    ({"a.yaml": "extends: missing.yaml\n"}, "missing.yaml' does not exist"),
+    ({"a.yaml": "extends: 3\n"}, "extends=3 is not allowed"),
+    ({"a.yaml": "- 1\n- 2\n"}, "top level must be a mapping"),
+])
+def test_bad_extends_is_a_config_error(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(tmp_path / "a.yaml")
+
+
+def test_differences_hold_only_what_differs():
+    base = C.load(ROOT / "experiments/stage3.yaml")
+    changed = C.replace(base, {"optim.epochs": 9, "data.val_size": 100})
+    assert C.differences(changed, base) == {"optim": {"epochs": 9}, "data": {"val_size": 100}}
+    assert C.differences(changed, base, skip=("data.",)) == {"optim": {"epochs": 9}}

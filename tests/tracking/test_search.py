@@ -357,3 +357,37 @@ def test_two_worker_processes_share_one_study(tmp_path, mnist, tracking_uri):
     assert all(r.info.status == "FINISHED" for r in children)
     assert mlflow.get_run(result.parent_run_id).info.status == "FINISHED"
     assert search_report.counts(result.study)["complete"] == 4
+
+
+def test_the_pruner_compares_hold_scores_in_the_studys_direction():
+    """Reported scores are lower-is-better like the objective: with Optuna's median pruner a
+    clearly worse trial is pruned and a clearly better one is not."""
+    from mnist_mlflow.train import EpochMetrics
+    from tracking.search_objective import HoldReporter
+
+    spec = load_search(SEARCH_YAML)
+    study = optuna.create_study(direction="minimize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
+
+    def run(val: list[float]) -> str:
+        trial = study.ask()
+        reporter = HoldReporter(trial, spec)
+        try:
+            for epoch, acc in enumerate(val, 1):
+                m = EpochMetrics(epoch, 0.1, 99.0, 0.1, 99.0, 0.01, 1.0, val_loss=0.1, val_accuracy=acc)
+                if reporter(m):
+                    break
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return "pruned"
+        reporter.report_rest(15)
+        study.tell(trial, reporter.value)
+        return "complete"
+
+    typical = [97.0, 98.0, 98.6, 98.9, 99.0, 99.1, 99.2, 99.3, 99.32, 99.33, 99.35]
+    for _ in range(3):
+        assert run(typical) == "complete"
+    assert run([90.0, 94.0, 95.0, 95.5, 96.0, 96.0, 96.0, 96.0]) == "pruned"
+    better = [97.5, 98.5, 99.0, 99.31, 99.35, 99.36, 99.4]
+    assert run(better) == "complete"
+    assert study.best_trial.number == 4 and study.best_value < 7  # held at epoch 7, stopped there
