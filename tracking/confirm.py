@@ -325,16 +325,18 @@ def overrides_of(args: argparse.Namespace) -> dict:
 def make_plan(args: argparse.Namespace) -> Plan:
     """Every check that needs no run: arguments, search file, study, configs, budget."""
     overrides = overrides_of(args)
+    top, seeds, final_seeds = (count("top", args.top, 0), count("seeds", args.seeds, 1),
+                               count("final-seeds", args.final_seeds, 1))
+    precisions, threads = precision_list("precisions", args.precisions), int_list("threads", args.threads, 1)
+    final_precisions = precision_list("final-precisions", args.final_precisions)
     spec = load_search(args.config, overrides)
     s = spec.settings
     storage, study_name = args.storage or s.storage, args.study_name or s.study_name
-    candidates = load_candidates(spec, storage, study_name, count("top", args.top, 0), overrides)
+    candidates = load_candidates(spec, storage, study_name, top, overrides)
     for c in candidates:
         build_model(c.config.model)  # BudgetError: over budget, nothing trains
-    seeds, final_seeds = count("seeds", args.seeds, 1), count("final-seeds", args.final_seeds, 1)
-    return Plan(spec, tuple(candidates), tuple(range(1, seeds + 1)),
-                precision_list("precisions", args.precisions), int_list("threads", args.threads, 1),
-                tuple(range(1, final_seeds + 1)), precision_list("final-precisions", args.final_precisions),
+    return Plan(spec, tuple(candidates), tuple(range(1, seeds + 1)), precisions, threads,
+                tuple(range(1, final_seeds + 1)), final_precisions,
                 spec.base.target.accuracy + getattr(s, "val_margin", 0.0), study_name, storage)
 
 

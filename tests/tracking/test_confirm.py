@@ -19,6 +19,7 @@ from mnist_mlflow.evaluation import hold_summary
 from tests.conftest import ROOT
 from tests.tracking.test_search import ROTATION, options, write_search
 from tracking import confirm, search
+from tracking.search_study import open_storage
 from tracking import confirm_report as R
 
 STAGE3 = ROOT / "experiments/stage3.yaml"
@@ -114,15 +115,15 @@ def argv(config: Path, storage: str, *extra: str) -> list[str]:
     (["--threads", "0,1"], "--threads='0,1' is not allowed"),
     (["--seeds", "two"], "--seeds='two' is not an integer"),
     (["--study-name", "nope"], "no study 'nope' in storage"),
-    (["--set", "model.width1=40"], "over the budget"),
+    (["--set", "model.width1=40"], "over the budget"),  # the base: the study has no trial yet
 ])
-def test_bad_input_exits_2_before_any_run(study, capsys, extra, message):
-    config, storage, result = study
-    before = len(mlflow.search_runs(search_all_experiments=True))
-    assert confirm.main(argv(config, storage) + extra) == 2
+def test_bad_input_exits_2_before_any_run(tmp_path, tracking_uri, capsys, extra, message):
+    storage = f"journal:{tmp_path}/optuna.log"
+    optuna.create_study(study_name="test-study", storage=open_storage(storage))
+    assert confirm.main(argv(write_search(tmp_path, ROTATION), storage) + extra) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-    assert len(mlflow.search_runs(search_all_experiments=True)) == before
+    assert mlflow.search_runs(search_all_experiments=True).empty
 
 
 def test_screens_on_validation_picks_the_winner_and_confirms_it(study, tmp_path, capsys):

@@ -82,7 +82,7 @@ def test_mlproject_entries_pass_every_parameter_and_empty_means_the_default(entr
 def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
     config = write_search(tmp_path, ROTATION)
     code = tune.main(["--config", str(config), "--experiment", "tune", "--n-trials", "2",
-                      "--epochs", "1", "--train-limit", "500", "--test-limit", "300",
+                      "--epochs", "1", "--train-limit", "1000", "--test-limit", "300",
                       "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study-name", "quick",
                       "--top", "1", "--seeds", "1", "--precisions", "fp32", "--threads", "1",
                       "--final-seeds", "1", "--final-precisions", "bf16,fp32", "--set", QUICK,
