@@ -1,10 +1,11 @@
 """Promotes the first run that held the target to the Model Registry as ``<name>@champion``.
 
     python -m tracking.promote [--model-name mnist-8k] [--target 99.4] [--hold 4]
-                               [--experiment NAME] [--dry-run]
+                               [--experiment NAME] [--parent-run-id ID] [--dry-run]
 
 "First" is by start time over FINISHED runs (stage runs and search trials alike) that
-have a logged model named "model" and a ``test_accuracy`` history. Before anything is
+have a logged model named "model" and a ``test_accuracy`` history; with ``--parent-run-id``
+only the children of that run (e.g. tracking.confirm's final runs). Before anything is
 registered the logged model is loaded, its real parameter count checked against the
 8,000 budget, and its test accuracy recomputed; a disagreement with the run's last
 logged value refuses the promotion.
@@ -20,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import math
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -107,7 +109,8 @@ class PromotionResult:
 
 # ---------------------------------------------------------------- arguments
 
-def check_arguments(model_name: str, target: float, hold: int) -> None:
+def check_arguments(model_name: str, target: float, hold: int,
+                    parent_run_id: Optional[str] = None) -> None:
     if not model_name.strip() or any(c in model_name for c in "'\"%/"):
         raise PromotionError(f"--model-name {model_name!r} is not allowed: a non-empty name "
                              "without quotes, % or /")
@@ -115,6 +118,8 @@ def check_arguments(model_name: str, target: float, hold: int) -> None:
         raise PromotionError(f"--target {target!r} is not allowed: 0 < target <= 100 (percent)")
     if not (isinstance(hold, int) and hold > 0):
         raise PromotionError(f"--hold {hold!r} is not allowed: a positive number of epochs")
+    if parent_run_id and not re.fullmatch(r"[0-9a-zA-Z_-]+", parent_run_id):
+        raise PromotionError(f"--parent-run-id {parent_run_id!r} is not allowed: a run id")
 
 
 def experiment_ids(client: MlflowClient, name: Optional[str]) -> list[str]:
@@ -129,11 +134,15 @@ def experiment_ids(client: MlflowClient, name: Optional[str]) -> list[str]:
 
 # ---------------------------------------------------------------- scanning
 
-def finished_runs(client: MlflowClient, exp_ids: list[str]) -> Iterator[Run]:
+def finished_runs(client: MlflowClient, exp_ids: list[str],
+                  parent_run_id: Optional[str] = None) -> Iterator[Run]:
     """Oldest first, page by page: the first qualifying run is often early."""
     token = None
+    where = "attributes.status = 'FINISHED'"
+    if parent_run_id:
+        where += f" AND tags.`mlflow.parentRunId` = '{parent_run_id}'"
     while True:
-        page = client.search_runs(exp_ids, "attributes.status = 'FINISHED'",
+        page = client.search_runs(exp_ids, where,
                                   order_by=["attributes.start_time ASC"], page_token=token)
         yield from page
         token = page.token
@@ -198,11 +207,11 @@ def judge(client: MlflowClient, cand: Candidate, target: float, hold: int) -> Ca
     return cand
 
 
-def select_run(client: MlflowClient, exp_ids: list[str], target: float,
-               hold: int) -> tuple[Optional[Candidate], list[Candidate]]:
+def select_run(client: MlflowClient, exp_ids: list[str], target: float, hold: int,
+               parent_run_id: Optional[str] = None) -> tuple[Optional[Candidate], list[Candidate]]:
     """(first qualifying candidate or None, the rejected ones scanned before it)."""
     rejected: list[Candidate] = []
-    for run in finished_runs(client, exp_ids):
+    for run in finished_runs(client, exp_ids, parent_run_id):
         history = accuracy_history(client, run.info.run_id)
         if not history:
             continue  # not a training run (a search parent, a benchmark without test metric)
@@ -311,16 +320,20 @@ def result_of(name: str, cand: Candidate, version: Optional[str | int], created:
 
 def promote(model_name: str = DEFAULT_MODEL_NAME, target: float = 99.4, hold: int = 4,
             experiment: Optional[str] = None, dry_run: bool = False, *, alias: str = ALIAS,
-            mnist: Optional[Mnist] = None) -> PromotionResult:
+            mnist: Optional[Mnist] = None, parent_run_id: Optional[str] = None) -> PromotionResult:
     """Registers the first qualifying run under `model_name` and points `alias` at it.
 
     Uses the current tracking URI. Raises NoCandidate, AccuracyMismatch or PromotionError.
     """
-    check_arguments(model_name, target, hold)
+    check_arguments(model_name, target, hold, parent_run_id)
     client = MlflowClient()
-    cand, rejected = select_run(client, experiment_ids(client, experiment), target, hold)
+    if parent_run_id:
+        client.get_run(parent_run_id)  # an unknown id fails here (exit 2), not as "no candidate"
+    cand, rejected = select_run(client, experiment_ids(client, experiment), target, hold, parent_run_id)
     if cand is None:
         scope = f"experiment {experiment!r}" if experiment else "any experiment"
+        if parent_run_id:
+            scope += f" under run {parent_run_id}"
         raise NoCandidate(no_candidate_message(rejected, target, hold, scope))
     existing = find_version(client, model_name, cand.run_id)
     # An existing version was verified when it was registered; a new one must be now.
@@ -352,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=99.4, help="test accuracy in percent")
     p.add_argument("--hold", type=int, default=4, help="consecutive epochs at or above target")
     p.add_argument("--experiment", default="", help="experiment name (default: all experiments)")
+    p.add_argument("--parent-run-id", default="", help="only the child runs of this run "
+                                                       "(e.g. tracking.confirm's parent)")
     # A value is accepted too so that the MLproject entry point can pass dry_run=false.
     p.add_argument("--dry-run", nargs="?", const="true", default="false", type=truthy,
                    help="report what would be promoted, register nothing")
@@ -359,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_server(mlflow.get_tracking_uri())
         result = promote(args.model_name, args.target, args.hold, args.experiment or None,
-                         args.dry_run)
+                         args.dry_run, parent_run_id=args.parent_run_id or None)
     except PromotionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

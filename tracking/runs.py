@@ -28,6 +28,7 @@ from mnist_mlflow import evaluation, explore, figures
 from mnist_mlflow.data import Mnist, Splits, load_mnist, make_splits
 from mnist_mlflow.models import count_params, format_summary, layer_summary
 from mnist_mlflow.train import EpochMetrics, TrainResult, fit, init_model, predict_logits
+from tracking import hardware
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
 MODEL_NAME = "model"  # the logged model's name inside a run
@@ -300,7 +301,7 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
     params = {**C.flatten(cfg), "num_params": count_params(model), "data.digest": mnist.digest,
               "data.source": mnist.source, "data.mean": round(mean, 6), "data.std": round(std, 6),
               **{f"data.{k}_size": v for k, v in splits.sizes().items()},
-              **versions(), "git_commit": git_commit()}
+              **versions(), "git_commit": git_commit(), **hardware.params()}
 
     def on_epoch(m: EpochMetrics) -> Optional[bool]:
         log_epoch(m)

@@ -121,6 +121,20 @@ def test_first_of_several_qualifying_runs_wins(store, mnist):
     assert result.run_id == store.a.run_id
 
 
+def test_parent_run_id_restricts_the_candidates_to_its_children(store, mnist, capsys):
+    target = min(store.a_acc + store.b_acc)  # A, the first, qualifies too
+    client = MlflowClient()
+    parent = client.create_run(client.get_experiment_by_name("main").experiment_id, run_name="confirm")
+    client.set_terminated(parent.info.run_id)
+    client.set_tag(store.b.run_id, "mlflow.parentRunId", parent.info.run_id)
+    result = P.promote("only-children", target=target, hold=1, dry_run=True, mnist=mnist,
+                       parent_run_id=parent.info.run_id)
+    assert result.run_id == store.b.run_id
+    assert P.main(["--parent-run-id", "0" * 32, "--dry-run"]) == 2  # unknown run
+    assert P.main(["--parent-run-id", "x' OR '1", "--dry-run"]) == 2
+    assert "--parent-run-id \"x' OR '1\" is not allowed" in capsys.readouterr().err
+
+
 def test_dry_run_registers_nothing(store, mnist):
     result = P.promote("dry", target=min(store.b_acc), hold=2, dry_run=True, mnist=mnist)
     assert result.dry_run and not result.created and result.version is None

@@ -1,0 +1,185 @@
+"""tracking.confirm: candidates from a real study, screening on validation over seeds x precisions
+x threads, the winner's final runs, recipe.yaml. Tiny real data, temporary stores, no mocks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.distributions import FloatDistribution
+
+from mnist_mlflow import config as C
+from mnist_mlflow.evaluation import hold_summary
+from tests.conftest import ROOT
+from tests.tracking.test_search import ROTATION, options, write_search
+from tracking import confirm, search
+from tracking.search_study import open_storage
+from tracking import confirm_report as R
+
+STAGE3 = ROOT / "experiments/stage3.yaml"
+QUICK = "data.val_size=500 device=cpu optim.batch_size=32 optim.ema_decay=0.9 target.accuracy=20 target.hold=1"
+
+
+def screen(candidate: str, val: list[float], threshold: float = 99.4, hold: int = 2) -> R.ScreenRun:
+    return R.screen_run(candidate, 1, "fp32", 1, "r", val, threshold, hold)
+
+
+# ---------------------------------------------------------------- ranking
+
+def test_rank_prefers_more_holds_then_an_earlier_hold_then_higher_held_accuracy():
+    screens = [
+        screen("late", [99.0, 99.5, 99.5, 99.5]), screen("late", [99.0, 99.0, 99.5, 99.5]),  # 2 holds
+        screen("early", [99.5, 99.5, 99.0, 99.0]), screen("early", [99.45, 99.45, 99.0, 99.0]),
+        screen("once", [99.9, 99.9, 99.9, 99.9]), screen("once", [99.0, 99.0, 99.0, 99.0]),
+        screen("never", [99.39, 99.39, 99.39, 99.39]), screen("never", [99.0, 99.39, 99.0, 99.0]),
+        screen("worst", [98.0, 98.0, 98.0, 98.0]), screen("worst", [98.0, 98.0, 98.0, 98.0]),
+    ]
+    order = [s.candidate for s in R.rank(["worst", "never", "once", "late", "early"], screens)]
+    assert order == ["early", "late", "once", "never", "worst"]
+    early = R.score("early", screens)
+    assert (early.holds, early.hold_epoch_mean, early.held_accuracy_mean) == (2, 2.0, pytest.approx(99.475))
+    assert math.isnan(R.score("never", screens).hold_epoch_mean)
+    assert "hold_epoch_mean" not in R.score("never", screens).metrics()  # nan is not logged
+
+
+def test_same_hold_epoch_higher_held_accuracy_wins():
+    screens = [screen("a", [99.5, 99.5]), screen("b", [99.6, 99.7])]
+    assert [s.candidate for s in R.rank(["a", "b"], screens)] == ["b", "a"]
+
+
+@pytest.mark.parametrize("direction, best_first", [("minimize", [1, 2, 0]), ("maximize", [0, 2, 1])])
+def test_top_trials_follow_the_study_direction(direction, best_first):
+    study = optuna.create_study(direction=direction)
+    dist = {"augment.rotation_degrees": FloatDistribution(0, 15)}
+    for number, value in enumerate([9.0, 5.0, 7.0]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"augment.rotation_degrees": float(number)}, distributions=dist, value=value,
+            user_attrs={"config": {"augment.rotation_degrees": float(number)}}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
+    assert [t.number for t in confirm.top_trials(study, 5)] == best_first
+    assert [t.number for t in confirm.top_trials(study, 2)] == best_first[:2]
+
+
+def test_identical_configs_are_screened_once():
+    base = C.load(STAGE3)
+    same = C.replace(base, {"seed": 7, "precision": "fp32", "stage": "other"})
+    other = C.replace(base, {"schedule.max_lr": 0.02})
+    found = confirm.dedupe([confirm.Candidate("trial-0", same), confirm.Candidate("trial-1", other),
+                            confirm.Candidate("base", base)])
+    assert [c.name for c in found] == ["trial-0", "trial-1"]
+
+
+# ---------------------------------------------------------------- recipe.yaml
+
+def test_recipe_is_extends_stage3_plus_only_the_keys_that_differ(tmp_path):
+    stage3 = C.load(STAGE3)
+    cfg = C.replace(stage3, {"schedule.max_lr": 0.02, "augment.thickness_prob": 0.1, "seed": 4,
+                             "stage": "confirm", "data.val_size": 5000, "data.train_limit": 100,
+                             "target.accuracy": 20.0, "device": "cpu"})
+    text = R.recipe_yaml(cfg, STAGE3, "why\n\nhow")
+    assert text.startswith("# why\n#\n# how\n")
+    raw = yaml.safe_load(text)
+    assert raw == {"extends": "stage3.yaml", "augment": {"thickness_prob": 0.1},
+                   "schedule": {"max_lr": 0.02}}
+    back = R.resolve_recipe(text, STAGE3.parent)
+    assert C.flatten(back) == C.flatten(C.replace(stage3, {"schedule.max_lr": 0.02,
+                                                           "augment.thickness_prob": 0.1}))
+    assert yaml.safe_load(R.recipe_yaml(stage3, STAGE3)) == {"extends": "stage3.yaml"}
+
+
+# ---------------------------------------------------------------- the CLI
+
+@pytest.fixture
+def study(tmp_path, mnist, tracking_uri):
+    """A real 2-trial study on slivers of MNIST (tracking.search, as a user runs it)."""
+    config = write_search(tmp_path, ROTATION)
+    result = search.run_search(options(tmp_path, config, n_trials=2), mnist=mnist)
+    assert result.best is not None
+    return config, options(tmp_path, config).storage, result
+
+
+def argv(config: Path, storage: str, *extra: str) -> list[str]:
+    return ["--config", str(config), "--storage", storage, "--study-name", "test-study",
+            "--train-limit", "500", "--test-limit", "300", "--epochs", "1", "--set", QUICK,
+            "--experiment", "confirm-test", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--precisions", "fp16"], "--precisions='fp16' is not allowed"),
+    (["--threads", "0,1"], "--threads='0,1' is not allowed"),
+    (["--seeds", "two"], "--seeds='two' is not an integer"),
+    (["--study-name", "nope"], "no study 'nope' in storage"),
+    (["--set", "model.width1=40"], "over the budget"),  # the base: the study has no trial yet
+])
+def test_bad_input_exits_2_before_any_run(tmp_path, tracking_uri, capsys, extra, message):
+    storage = f"journal:{tmp_path}/optuna.log"
+    optuna.create_study(study_name="test-study", storage=open_storage(storage))
+    assert confirm.main(argv(write_search(tmp_path, ROTATION), storage) + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_screens_on_validation_picks_the_winner_and_confirms_it(study, tmp_path, capsys):
+    config, storage, result = study
+    code = confirm.main(argv(config, storage, "--top", "1", "--seeds", "1", "--precisions", "bf16,fp32",
+                             "--threads", "1,2", "--final-seeds", "1", "--final-precisions", "fp32"))
+    assert code == 0
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("confirm-test").experiment_id
+    (parent,) = client.search_runs([exp], "tags.confirm_role = 'parent'")
+    pid = parent.info.run_id
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{pid}'")
+    assert all(r.info.status == "FINISHED" for r in children)
+    screens = [r for r in children if r.data.tags["confirm_role"] == "screen"]
+    (final,) = [r for r in children if r.data.tags["confirm_role"] == "final"]
+
+    # candidates: the study's best trial (in its own direction) and the search file's base
+    best = f"trial-{result.study.best_trial.number}"
+    assert parent.data.params["confirm.candidates"] == f"{best},base"
+    grid = {(r.data.tags["confirm_candidate"], r.data.params["seed"], r.data.params["precision"],
+             r.data.params["threads"]) for r in screens}
+    assert grid == set(itertools.product([best, "base"], ["1"], ["bf16", "fp32"], ["1", "2"]))
+    for r in screens:
+        assert r.data.params["hw.threads"] == r.data.params["threads"]
+        assert r.data.params["data.val_size"] == "500" and r.data.params["data.train_size"] == "500"
+
+    # the winner is the best by validation histories, recomputed here from the logged metrics
+    logged = [R.ScreenRun(r.data.tags["confirm_candidate"], 1, "", 1, r.info.run_id, val,
+                          hold_summary(val, 20.0, 1))
+              for r in screens
+              for val in [[m.value for m in sorted(client.get_metric_history(r.info.run_id, "val_accuracy"),
+                                                   key=lambda m: m.step)]]]
+    winner = R.rank([best, "base"], logged)[0].candidate
+    assert parent.data.tags["winner"] == winner == final.data.tags["confirm_candidate"]
+    assert parent.data.metrics[f"screen.{winner}.rank"] == 1
+    assert parent.data.metrics[f"screen.{winner}.runs"] == 4
+    table = mlflow.artifacts.load_text(f"runs:/{pid}/screening.md")
+    assert len(table.strip().splitlines()) == 2 + 8 and "| candidate | seed | precision | threads | held |" in table
+
+    # final: all training images (no validation split), test reported, a model to promote
+    assert final.data.params["data.val_size"] == "0" and "test_accuracy" in final.data.metrics
+    assert client.search_logged_models([exp], filter_string=f"source_run_id = '{final.info.run_id}'")
+    assert parent.data.metrics["final.seeds"] == 1
+    assert "figures/seeds.png" in {a.path for a in client.list_artifacts(pid, "figures")}
+
+    # recipe.yaml: extends stage 3, only the differences, and it is the final run's config
+    text = mlflow.artifacts.load_text(f"runs:/{pid}/recipe.yaml")
+    raw = yaml.safe_load(text)
+    assert list(raw)[0] == "extends" and raw["extends"] == "stage3.yaml"
+    flat_stage3 = C.flatten(C.load(STAGE3))
+    changes = R.recipe_changes(R.resolve_recipe(text, STAGE3.parent), C.load(STAGE3))
+    assert changes and all(flat_stage3[k] != v for k, v in changes.items())
+    recipe = C.flatten(R.resolve_recipe(text, STAGE3.parent))
+    for key, value in recipe.items():
+        if key not in R.RECIPE_SKIP + ("precision",) and not key.startswith(R.RECIPE_SKIP_PREFIXES):
+            assert final.data.params[key] == str(value), key
+    out = capsys.readouterr().out
+    assert f"mlflow artifacts download -r {pid} -a recipe.yaml -d ." in out

@@ -1,0 +1,122 @@
+"""tracking.tune: search -> confirm -> promote as child runs of one tune run, real processes."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT
+from tests.tracking.test_search import ROTATION, write_search
+from tracking import confirm, promote, tune
+
+QUICK = "data.val_size=500 device=cpu optim.batch_size=32 optim.ema_decay=0.9"
+
+
+@pytest.fixture
+def env(tracking_uri, monkeypatch):
+    """The steps are subprocesses: they import this checkout's packages."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return tracking_uri
+
+
+def runs_of(exp_name: str, where: str = "") -> list:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(exp_name)
+    return client.search_runs([exp.experiment_id], where) if exp else []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--precisions", "fp16"], "--precisions='fp16' is not allowed"),
+    (["--promote-target", "ninety"], "--promote-target='ninety' is not a number"),
+    (["--promote-target", "0"], "--target 0.0 is not allowed"),
+    (["--model-name", "a/b"], "--model-name 'a/b' is not allowed"),
+    (["--n-trials", "0"], "--n-trials='0' is not allowed"),
+])
+def test_bad_input_exits_2_before_any_run(tmp_path, env, capsys, extra, message):
+    assert tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_a_failing_step_fails_the_chain_and_stops_it(tmp_path, env, capsys):
+    # the search step refuses a journal file in a folder that does not exist (its exit 2)
+    code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",
+                      "--storage", f"journal:{tmp_path}/missing/optuna.log", "--n-trials", "1"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: step search failed (exit 2") and "does not exist" in err[-1]
+    (parent,) = runs_of("t", "tags.stage = 'tune'")
+    steps = runs_of("t", f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert parent.info.status == "FAILED"
+    assert [(r.data.tags["tune_step"], r.info.status, r.data.tags["exit_code"]) for r in steps] == [
+        ("search", "FAILED", "2")]  # confirm and promote never started
+    assert "does not exist" in mlflow.artifacts.load_text(f"runs:/{steps[0].info.run_id}/output.txt")
+
+
+@pytest.mark.parametrize("entry, module", [("confirm", "tracking.confirm"), ("tune", "tracking.tune")])
+def test_mlproject_entries_pass_every_parameter_and_empty_means_the_default(entry, module):
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
+    params = spec["parameters"]
+    argv = shlex.split(spec["command"].format(**{k: shlex.quote(v["default"]) for k, v in params.items()}))
+    assert argv[:3] == ["python", "-m", module]
+    args = {"confirm": confirm.parser, "tune": tune.parser}[entry]().parse_args(argv[3:])
+    for name in params:
+        assert hasattr(args, name if name != "set" else "overrides"), name
+    flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+    assert {f"--{n.replace('_', '-')}" for n in params} <= flags
+    if entry == "confirm":
+        assert set(params) == {"storage", "study_name", "top", "seeds", "precisions", "threads",
+                               "final_seeds", "final_precisions", "epochs", "train_limit",
+                               "test_limit", "set"}
+    else:
+        assert {"n_trials", "top", "final_seeds", "model_name", "promote_target", "promote_hold"} <= set(params)
+
+
+@pytest.mark.slow
+def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
+    config = write_search(tmp_path, ROTATION)
+    code = tune.main(["--config", str(config), "--experiment", "tune", "--n-trials", "2",
+                      "--epochs", "1", "--train-limit", "1000", "--test-limit", "300",
+                      "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study-name", "quick",
+                      "--top", "1", "--seeds", "1", "--precisions", "fp32", "--threads", "1",
+                      "--final-seeds", "1", "--final-precisions", "bf16,fp32", "--set", QUICK,
+                      "--model-name", "tune-test", "--promote-target", "20", "--promote-hold", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    client = MlflowClient()
+    (parent,) = runs_of("tune", "tags.stage = 'tune'")
+    pid = parent.info.run_id
+    assert parent.info.status == "FINISHED"
+    steps = {r.data.tags["tune_step"]: r for r in runs_of("tune", f"tags.`mlflow.parentRunId` = '{pid}'")}
+    assert set(steps) == {"search", "confirm", "promote"}
+    for name, run in steps.items():
+        assert run.info.status == "FINISHED" and run.data.tags["exit_code"] == "0"
+        assert parent.data.tags[f"step.{name}.run_id"] == run.info.run_id
+    assert parent.data.params["tune.study_name"] == "quick"
+    assert parent.data.params["tune.storage"] == f"sqlite:///{tmp_path}/optuna.db"
+
+    # each step logged into its own run: the trials nest under search, confirm's runs under confirm
+    search_id, confirm_id = steps["search"].info.run_id, steps["confirm"].info.run_id
+    trials = runs_of("tune", f"tags.`mlflow.parentRunId` = '{search_id}'")
+    assert len(trials) == 2 and steps["search"].data.params["search.study_name"] == "quick"
+    confirmed = runs_of("tune", f"tags.`mlflow.parentRunId` = '{confirm_id}'")
+    roles = sorted(r.data.tags["confirm_role"] for r in confirmed)
+    assert roles == ["final", "final", "screen", "screen"]  # 2 candidates x 1 x 1 x 1; 1 seed x 2
+    assert "recipe.yaml" in {a.path for a in client.list_artifacts(confirm_id)}
+
+    # the champion is one of confirm's final runs, recorded on the parent and the promote run
+    champion = client.get_model_version_by_alias("tune-test", promote.ALIAS)
+    finals = {r.info.run_id for r in confirmed if r.data.tags["confirm_role"] == "final"}
+    assert champion.run_id in finals
+    assert parent.data.tags["model_version"] == str(champion.version)
+    assert parent.data.tags["model_uri"] == "models:/tune-test@champion"
+    promote_run = client.get_run(steps["promote"].info.run_id)
+    assert promote_run.data.tags["model_run_id"] == champion.run_id
+    assert "promoted: run" in mlflow.artifacts.load_text(f"runs:/{promote_run.info.run_id}/output.txt")
+    assert "models:/tune-test@champion is version 1" in out

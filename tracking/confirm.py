@@ -1,0 +1,398 @@
+"""Retrains the search's best recipes across seeds and numerics, picks one, then proves it:
+``python -m tracking.confirm --study-name mnist-search``.
+
+All as nested MLflow runs under one parent run:
+
+1. Candidates: the study's best `--top` COMPLETE trials (ranked in the study's own direction),
+   each with the exact config it trained, plus the search file's base config; duplicates once.
+2. Screening, on the search's training/validation split: every candidate under seeds 1..S x
+   precisions x thread counts. Seeds and numerics stand in for other machines: a recipe that
+   holds only under one set of kernels is not confirmed. Each candidate is scored from its
+   VALIDATION histories, never the test set: how many runs held the validation threshold
+   (target.accuracy + the search's val_margin) for target.hold epochs, then the mean epoch at
+   which the hold completed, then the mean held accuracy.
+3. Final: the winner over seeds 1..F x precisions on all 60,000 training images, test set
+   reported, models logged (tracking.promote can register one). The parent logs the
+   consistency summary, the per-seed curves and recipe.yaml: ``extends: stage3.yaml`` plus only
+   the keys that differ from experiments/stage3.yaml.
+
+Exit codes: 0 done; 2 bad input (nothing created); 130 interrupted (runs ended KILLED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import mlflow
+import optuna
+import sqlalchemy.exc
+import torch
+from mlflow.exceptions import MlflowException
+
+from mnist_mlflow import config as C
+from mnist_mlflow.data import DataError, Mnist
+from mnist_mlflow.models import BudgetError, build_model
+from tracking import confirm_report as R
+from tracking import consistency, runs
+from tracking.search_space import SearchSpec, load_search
+from tracking.search_study import open_storage, redact
+from tracking.stage import check_server, use_experiment
+
+DEFAULT_CONFIG = "experiments/search.yaml"
+STAGE3 = runs.PACKAGE_DIR.parent / "experiments" / "stage3.yaml"  # what recipe.yaml extends
+PRECISIONS = ("bf16", "fp32")
+RECIPE = "recipe.yaml"
+# Where two candidates differ only here, screening would train the same runs twice.
+SCREEN_VARIES = ("stage", "seed", "precision", "threads")
+
+
+class ConfirmError(RuntimeError):
+    """Bad input, found before any run exists."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # "trial-12" or "base"
+    config: C.RunConfig
+    trial: Optional[int] = None
+    value: Optional[float] = None  # the trial's objective
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: SearchSpec
+    candidates: tuple[Candidate, ...]
+    seeds: tuple[int, ...]
+    precisions: tuple[str, ...]
+    threads: tuple[int, ...]
+    final_seeds: tuple[int, ...]
+    final_precisions: tuple[str, ...]
+    threshold: float  # validation accuracy, percent
+    study_name: str
+    storage: str
+
+
+# ---------------------------------------------------------------- candidates
+
+def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The best k COMPLETE trials with a stored config, in the study's direction."""
+    if len(study.directions) != 1:
+        raise ConfirmError(f"study {study.study_name!r} has {len(study.directions)} objectives; "
+                           "confirm ranks by one")
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if "config" in t.user_attrs and t.value is not None]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(done, key=lambda t: (-t.value if maximize else t.value, t.number))[:k]
+
+
+def fixed_values(spec: SearchSpec, overrides: dict) -> dict:
+    """What every run shares whatever the candidate: the split, the target, the device and
+    the quick-look overrides."""
+    base = C.flatten(spec.base)
+    shared = {k: v for k, v in base.items() if k.startswith(("data.", "target.")) or k == "device"}
+    return {**shared, **overrides}
+
+
+def trial_config(trial: optuna.trial.FrozenTrial, fixed: dict) -> C.RunConfig:
+    try:
+        return C.from_dict({}, {**trial.user_attrs["config"], **fixed, "stage": "confirm"})
+    except C.ConfigError as exc:
+        raise ConfirmError(f"trial {trial.number}'s config does not fit this code: {exc}") from exc
+
+
+def dedupe(candidates: list[Candidate]) -> list[Candidate]:
+    seen, out = set(), []
+    for c in candidates:
+        key = tuple(sorted((k, repr(v)) for k, v in C.flatten(c.config).items() if k not in SCREEN_VARIES))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def load_candidates(spec: SearchSpec, storage: str, study_name: str, top: int,
+                    overrides: dict) -> list[Candidate]:
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        raise ConfirmError(f"no study {study_name!r} in storage {redact(storage)!r}") from None
+    fixed = fixed_values(spec, overrides)
+    found = [Candidate(f"trial-{t.number}", trial_config(t, fixed), t.number, t.value)
+             for t in top_trials(study, top)]
+    base = Candidate("base", C.replace(spec.base, {**fixed, "stage": "confirm"}))
+    return dedupe(found + [base])
+
+
+# ---------------------------------------------------------------- numerics
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def numerics(cfg: C.RunConfig, seed: int, precision: str, threads: int | None = None) -> C.RunConfig:
+    """`cfg` under one seed and precision; the thread count goes into the config where it has
+    a `threads` key (torch_threads sets it either way)."""
+    changes = {"seed": seed, "precision": precision}
+    if threads is not None and "threads" in C.flatten(cfg):
+        changes["threads"] = threads
+    return C.replace(cfg, changes)
+
+
+def train(cfg: C.RunConfig, mnist: Mnist, threads: int, name: str, tags: dict[str, str],
+          log_model: bool) -> runs.RunOutcome:
+    with torch_threads(threads):
+        outcome = runs.run_training(cfg, mnist=mnist, nested=True, run_name=name, tags=tags,
+                                    log_model_artifact=log_model, progress=sys.stderr.isatty())
+    mlflow.MlflowClient().log_param(outcome.run_id, "threads", threads)
+    return outcome
+
+
+# ---------------------------------------------------------------- the steps
+
+def screen(plan: Plan, mnist: Mnist) -> list[R.ScreenRun]:
+    target = plan.spec.base.target
+    out = []
+    for cand in plan.candidates:
+        for seed in plan.seeds:
+            for precision in plan.precisions:
+                for threads in plan.threads:
+                    cfg = numerics(cand.config, seed, precision, threads)
+                    name = f"{cand.name}-s{seed}-{precision}-t{threads}"
+                    tags = {"confirm_role": "screen", "confirm_candidate": cand.name}
+                    o = train(cfg, mnist, threads, name, tags, log_model=False)
+                    out.append(R.screen_run(cand.name, seed, precision, threads, o.run_id,
+                                            [h.val_accuracy for h in o.result.history],
+                                            plan.threshold, target.hold))
+                    h = out[-1].hold
+                    print(f"screen {name}: validation " + (
+                        f"held from epoch {h.target_reached_epoch} (min {h.held_accuracy:.2f}%)"
+                        if h.target_reached_epoch else f"longest hold {h.hold_epochs} epochs")
+                        + f", final {out[-1].val_accuracy[-1]:.2f}%", flush=True)
+    return out
+
+
+def final(plan: Plan, winner: Candidate, mnist: Mnist) -> tuple[list[runs.RunOutcome], list[dict]]:
+    threads = torch.get_num_threads()
+    cfg0 = C.replace(winner.config, {"data.val_size": 0})  # all 60,000 training images
+    outcomes, rows = [], []
+    for seed in plan.final_seeds:
+        for precision in plan.final_precisions:
+            cfg = numerics(cfg0, seed, precision, threads)
+            tags = {"confirm_role": "final", "confirm_candidate": winner.name}
+            o = train(cfg, mnist, threads, f"final-s{seed}-{precision}", tags, log_model=True)
+            outcomes.append(o)
+            rows.append(R.final_row(seed, precision, o.run_id, o.hold,
+                                    [h.test_accuracy for h in o.result.history]))
+            line = runs.summary_text(cfg, o.hold, runs.count_params(o.result.model),
+                                     o.result.history).splitlines()
+            print(f"final seed {seed} {precision}: {line[1]}; {line[2]}", flush=True)
+    return outcomes, rows
+
+
+def run_confirm(plan: Plan, mnist: Mnist) -> str:
+    """Everything under one parent run (the active one under `mlflow run`); returns its id."""
+    with runs.tracked_run(run_name="confirm", tags={"stage": "confirm", "confirm_role": "parent",
+                                                    "optuna.study_name": plan.study_name}) as parent:
+        log_plan(plan)
+        screens = screen(plan, mnist)
+        scores = R.rank([c.name for c in plan.candidates], screens)
+        log_screening(screens, scores)
+        winner = next(c for c in plan.candidates if c.name == scores[0].candidate)
+        hold = plan.spec.base.target.hold
+        print("ranking (validation):\n" + "\n".join(f"  {i}. {R.winner_line(s, plan.threshold, hold)}"
+                                                    for i, s in enumerate(scores, 1)), flush=True)
+        mlflow.set_tags({"winner": winner.name, "winner_trial": "none" if winner.trial is None else winner.trial})
+        outcomes, rows = final(plan, winner, mnist)
+        log_final(plan, winner, outcomes, rows)
+    return parent.info.run_id
+
+
+def log_plan(plan: Plan) -> None:
+    # Prefixed: under `mlflow run` this run already holds the entry point's raw parameters.
+    mlflow.log_params({
+        "confirm.config": plan.spec.source, "confirm.study_name": plan.study_name,
+        "confirm.storage": redact(plan.storage),
+        "confirm.candidates": ",".join(c.name for c in plan.candidates),
+        "confirm.seeds": len(plan.seeds), "confirm.precisions": ",".join(plan.precisions),
+        "confirm.threads": ",".join(map(str, plan.threads)),
+        "confirm.final_seeds": len(plan.final_seeds),
+        "confirm.final_precisions": ",".join(plan.final_precisions),
+        "confirm.val_threshold": plan.threshold, "confirm.hold": plan.spec.base.target.hold})
+    for c in plan.candidates:
+        mlflow.log_text(yaml_of(c.config), f"candidates/{c.name}.yaml")
+
+
+def yaml_of(cfg: C.RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(R.nest(C.flatten(cfg)), sort_keys=False)
+
+
+def log_screening(screens: list[R.ScreenRun], scores: list[R.Score]) -> None:
+    for i, s in enumerate(scores, 1):
+        mlflow.log_metrics({f"screen.{s.candidate}.{k}": v for k, v in {**s.metrics(), "rank": i}.items()})
+    rows = [s.row() for s in screens]
+    mlflow.log_text(R.csv(rows), "screening.csv")
+    mlflow.log_text(R.markdown(rows), "screening.md")
+    mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "screening.json")
+
+
+def log_final(plan: Plan, winner: Candidate, outcomes: list[runs.RunOutcome], rows: list[dict]) -> None:
+    cfg = winner.config
+    stats = consistency.summarize(outcomes, cfg)
+    mlflow.log_metrics({f"final.{k}": v for k, v in stats.items()})
+    mlflow.log_text(R.csv(rows), "final.csv")
+    mlflow.log_text(R.markdown(rows), "final.md")
+    labels = [f"{r['seed']} {r['precision']}" for r in rows]
+    histories = [[h.test_accuracy for h in o.result.history] for o in outcomes]
+    mlflow.log_figure(consistency.seed_figure(labels, histories, cfg.target.accuracy), "figures/seeds.png")
+    consistency.plt.close("all")
+    header = (f"Confirmed by tracking.confirm: {winner.name} of study {plan.study_name!r}.\n"
+              f"Final: {stats['seeds_holding']} of {stats['seeds']} runs (seeds "
+              f"{plan.final_seeds[0]}-{plan.final_seeds[-1]} x {', '.join(plan.final_precisions)}) "
+              f"held >= {cfg.target.accuracy}% test accuracy for {cfg.target.hold} epochs; final "
+              f"{stats['final_accuracy_mean']:.2f} +- {stats['final_accuracy_std']:.2f}% "
+              f"(min {stats['final_accuracy_min']:.2f}%).\n"
+              + data_note(cfg)
+              + f"Copy it next to {STAGE3.name} (e.g. experiments/stage3-confirmed.yaml) and run\n"
+                "  python -m tracking.stage experiments/stage3-confirmed.yaml")
+    mlflow.log_text(R.recipe_yaml(cfg, STAGE3, header), RECIPE)
+    print(f"{stats['seeds_holding']} of {stats['seeds']} final runs held >= {cfg.target.accuracy}% "
+          f"for {cfg.target.hold} epochs within {cfg.optim.epochs} epochs")
+    for k, v in stats.items():
+        print(f"  {k}: {v:.3f}")
+
+
+def data_note(cfg: C.RunConfig) -> str:
+    d = cfg.data
+    if d.train_limit is None and d.test_limit is None:
+        return ""
+    return (f"A quick look: confirmed on data.train_limit={d.train_limit}, data.test_limit="
+            f"{d.test_limit} only (not part of the recipe).\n")
+
+
+# ---------------------------------------------------------------- CLI
+
+def int_list(name: str, text: str, minimum: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfirmError(f"--{name}={text!r} is not allowed: comma-separated integers") from None
+    if not values or min(values) < minimum:
+        raise ConfirmError(f"--{name}={text!r} is not allowed: integers >= {minimum}")
+    return values
+
+
+def precision_list(name: str, text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values or not set(values) <= set(PRECISIONS):
+        raise ConfirmError(f"--{name}={text!r} is not allowed: comma-separated {' and/or '.join(PRECISIONS)}")
+    return values
+
+
+def count(name: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfirmError(f"--{name}={text!r} is not an integer") from None
+    if value < minimum:
+        raise ConfirmError(f"--{name}={text!r} is not allowed: {minimum} or more")
+    return value
+
+
+def overrides_of(args: argparse.Namespace) -> dict:
+    out = {}
+    for path, text in (("optim.epochs", args.epochs), ("data.train_limit", args.train_limit),
+                       ("data.test_limit", args.test_limit)):
+        if text not in ("", None):
+            out[path] = count(path, text, 1)
+    for item in args.overrides:
+        out.update(C.parse_override(o) for o in item.split())
+    return out
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Every check that needs no run: arguments, search file, study, configs, budget."""
+    overrides = overrides_of(args)
+    top, seeds, final_seeds = (count("top", args.top, 0), count("seeds", args.seeds, 1),
+                               count("final-seeds", args.final_seeds, 1))
+    precisions, threads = precision_list("precisions", args.precisions), int_list("threads", args.threads, 1)
+    final_precisions = precision_list("final-precisions", args.final_precisions)
+    spec = load_search(args.config, overrides)
+    s = spec.settings
+    storage, study_name = args.storage or s.storage, args.study_name or s.study_name
+    candidates = load_candidates(spec, storage, study_name, top, overrides)
+    for c in candidates:
+        build_model(c.config.model)  # BudgetError: over budget, nothing trains
+    return Plan(spec, tuple(candidates), tuple(range(1, seeds + 1)), precisions, threads,
+                tuple(range(1, final_seeds + 1)), final_precisions,
+                spec.base.target.accuracy + getattr(s, "val_margin", 0.0), study_name, storage)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tracking.confirm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
+    p.add_argument("--storage", default="", help="Optuna storage (default: the search file's)")
+    p.add_argument("--study-name", default="", help="Optuna study (default: the search file's)")
+    p.add_argument("--top", default="3", help="best COMPLETE trials to screen, besides the base config")
+    p.add_argument("--seeds", default="2", help="screening seeds 1..N")
+    p.add_argument("--precisions", default="bf16,fp32", help="screening precisions")
+    p.add_argument("--threads", default="1,2", help="screening torch thread counts")
+    p.add_argument("--final-seeds", default="10", help="final seeds 1..N (all 60,000 images)")
+    p.add_argument("--final-precisions", default="bf16,fp32", help="final precisions")
+    p.add_argument("--epochs", default="", help="optim.epochs of every run (quick looks)")
+    p.add_argument("--train-limit", default="", help="data.train_limit of every run (quick looks)")
+    p.add_argument("--test-limit", default="", help="data.test_limit of every run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run (repeatable; space-separated in one argument)")
+    p.add_argument("--experiment", default="", help="MLflow experiment (default mnist-mlflow, "
+                                                    "or the one `mlflow run` set)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Empty strings are MLproject's "unset": the defaults apply.
+    for name, default in (("top", "3"), ("seeds", "2"), ("precisions", "bf16,fp32"), ("threads", "1,2"),
+                          ("final_seeds", "10"), ("final_precisions", "bf16,fp32"),
+                          ("config", DEFAULT_CONFIG)):
+        if getattr(args, name) == "":
+            setattr(args, name, default)
+    try:
+        check_server(mlflow.get_tracking_uri())
+        plan = make_plan(args)
+        mnist, _ = runs.prepare(plan.spec.base)
+        use_experiment(args.experiment)
+    except (ConfirmError, C.ConfigError, BudgetError, DataError, MlflowException,
+            sqlalchemy.exc.SQLAlchemyError) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    print(f"candidates: {', '.join(c.name for c in plan.candidates)}; screening "
+          f"{len(plan.candidates) * len(plan.seeds) * len(plan.precisions) * len(plan.threads)} runs "
+          f"on validation (threshold {plan.threshold:g}%), then {len(plan.final_seeds) * len(plan.final_precisions)} "
+          "final runs", flush=True)
+    try:
+        with runs.sigterm_as_interrupt():
+            run_id = run_confirm(plan, mnist)
+    except KeyboardInterrupt:
+        print("interrupted: the runs so far are KILLED or FINISHED", file=sys.stderr)
+        return 130
+    print(f"recipe: mlflow artifacts download -r {run_id} -a {RECIPE} -d .")
+    print(f"parent run_id: {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""From nothing to ``models:/mnist-8k@champion``: search -> confirm -> promote, one tracked chain.
+
+    python -m tracking.tune [--n-trials 30] [--study-name mnist-search] ...
+
+In the way of MLflow's multistep workflow example: the tune run is the parent; each step is
+its own child run, created here and handed to the step's process through ``MLFLOW_RUN_ID``
+(as `mlflow run` hands a run to its command), so the step logs into it:
+
+1. ``python -m tracking.search``: the Optuna study; its trials nest under the search run.
+2. ``python -m tracking.confirm``: screens the study's best trials and the base config over
+   seeds x precisions x threads on validation, runs the winner's final seeds on all 60,000
+   images and logs recipe.yaml; its runs nest under the confirm run.
+3. ``python -m tracking.promote --parent-run-id <confirm run>``: registers the first final
+   run that held the target. Promote opens no run of its own: its output and exit code are
+   logged on the promote run here.
+
+The parent records each step's run id (tags ``step.<name>.run_id``), the study and storage, and
+the promoted version. A step that fails ends the chain: its run and the parent are FAILED, later
+steps never start. Exit codes: 0 promoted; 1 a step failed; 2 bad input (nothing created);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mnist_mlflow import config as C
+from tracking import confirm, promote, runs
+from tracking.search_space import load_search
+from tracking.search_study import redact
+from tracking.stage import check_server, use_experiment
+
+DEFAULT_CONFIG = "experiments/search.yaml"
+PARENT_TAG = "mlflow.parentRunId"
+OUTPUT = "output.txt"  # each step's stdout and stderr, on its run
+INTERRUPT_GRACE_S = 60  # for a step to end its runs after Ctrl-C, before it is terminated
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+
+
+# ---------------------------------------------------------------- the steps' commands
+
+def _flags(pairs: list[tuple[str, str]]) -> list[str]:
+    """``--flag value`` for every value that is set ('' is MLproject's unset)."""
+    return [x for flag, value in pairs if value not in ("", None) for x in (flag, str(value))]
+
+
+def _sets(args: argparse.Namespace) -> list[str]:
+    return [x for item in args.overrides if item.strip() for x in ("--set", item)]
+
+
+def search_step(args: argparse.Namespace, storage: str, study: str) -> Step:
+    return Step("search", [sys.executable, "-m", "tracking.search", "--config", args.config,
+                           "--storage", storage, "--study-name", study]
+                + _flags([("--n-trials", args.n_trials), ("--epochs", args.epochs),
+                          ("--train-limit", args.train_limit), ("--test-limit", args.test_limit)])
+                + _sets(args))
+
+
+def confirm_step(args: argparse.Namespace, storage: str, study: str) -> Step:
+    return Step("confirm", [sys.executable, "-m", "tracking.confirm", "--config", args.config,
+                            "--storage", storage, "--study-name", study]
+                + _flags([("--top", args.top), ("--seeds", args.seeds), ("--precisions", args.precisions),
+                          ("--threads", args.threads), ("--final-seeds", args.final_seeds),
+                          ("--final-precisions", args.final_precisions), ("--epochs", args.epochs),
+                          ("--train-limit", args.train_limit), ("--test-limit", args.test_limit)])
+                + _sets(args))
+
+
+def promote_step(args: argparse.Namespace, confirm_run_id: str) -> Step:
+    return Step("promote", [sys.executable, "-m", "tracking.promote", "--model-name", args.model_name,
+                            "--parent-run-id", confirm_run_id]
+                + _flags([("--target", args.promote_target), ("--hold", args.promote_hold)]))
+
+
+# ---------------------------------------------------------------- running one step
+
+def run_step(step: Step, parent_id: str, experiment_id: str) -> str:
+    """Runs `step` in its own child run of `parent_id`; returns the child's id."""
+    client = MlflowClient()
+    child = client.create_run(experiment_id, run_name=step.name,
+                              tags={PARENT_TAG: parent_id, "tune_step": step.name})
+    run_id = child.info.run_id
+    client.set_tag(parent_id, f"step.{step.name}.run_id", run_id)
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id,
+           "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PYTHONUNBUFFERED": "1"}
+    print(f"== {step.name} (run {run_id}): {' '.join(step.argv[1:])}", flush=True)
+    lines: list[str] = []
+    proc = subprocess.Popen(step.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+        rc = proc.wait()
+    except KeyboardInterrupt as exc:
+        rc = stop(proc, sigterm=isinstance(exc, runs.Interrupted))
+        finish(client, run_id, rc, lines)
+        raise
+    finish(client, run_id, rc, lines)
+    if rc != 0:
+        errors = [ln.strip() for ln in lines if ln.startswith("error:")]
+        reason = errors[-1].removeprefix("error: ") if errors else (lines[-1].strip() if lines else "no output")
+        raise StepFailed(f"step {step.name} failed (exit {rc}, run {run_id}): {reason}")
+    return run_id
+
+
+def stop(proc: subprocess.Popen, sigterm: bool) -> int:
+    """Ctrl-C reached the step too (same process group): let it end its runs; a SIGTERM sent
+    to us alone is passed on."""
+    try:
+        if sigterm:
+            proc.send_signal(signal.SIGTERM)
+        return proc.wait(INTERRUPT_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            return proc.wait(INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+def finish(client: MlflowClient, run_id: str, rc: int, lines: list[str]) -> None:
+    """The step's output and exit code on its run; a run the step left open is ended here."""
+    client.log_text(run_id, "".join(lines), OUTPUT)
+    client.set_tag(run_id, "exit_code", rc)
+    if client.get_run(run_id).info.status == "RUNNING":
+        status = "FINISHED" if rc == 0 else "KILLED" if rc in (130, -2, -15, 143) else "FAILED"
+        client.set_terminated(run_id, status)
+
+
+# ---------------------------------------------------------------- the chain
+
+def run_tune(args: argparse.Namespace, storage: str, study: str) -> tuple[str, str]:
+    """The chain under one parent run; returns (parent run id, promoted version)."""
+    with runs.tracked_run(run_name="tune", tags={"stage": "tune", "optuna.study_name": study,
+                                                 "optuna.storage": redact(storage)}) as parent:
+        parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+        mlflow.log_params({"tune.config": args.config, "tune.study_name": study,
+                           "tune.storage": redact(storage), "tune.model_name": args.model_name})
+        run_step(search_step(args, storage, study), parent_id, experiment_id)
+        confirm_id = run_step(confirm_step(args, storage, study), parent_id, experiment_id)
+        promote_id = run_step(promote_step(args, confirm_id), parent_id, experiment_id)
+        version = MlflowClient().get_model_version_by_alias(args.model_name, promote.ALIAS)
+        champion = f"models:/{args.model_name}@{promote.ALIAS}"
+        info = {"model_name": args.model_name, "model_version": version.version,
+                "model_uri": champion, "model_run_id": version.run_id}
+        mlflow.set_tags(info)
+        for key, value in info.items():
+            MlflowClient().set_tag(promote_id, key, value)
+    return parent_id, str(version.version)
+
+
+def check(args: argparse.Namespace) -> tuple[str, str]:
+    """Every check that needs no run; returns (storage, study name)."""
+    overrides = confirm.overrides_of(args)
+    spec = load_search(args.config, overrides)
+    for name in ("n_trials", "top", "seeds", "final_seeds", "promote_hold"):
+        if getattr(args, name):
+            confirm.count(name.replace("_", "-"), getattr(args, name), 0 if name == "top" else 1)
+    for name in ("precisions", "final_precisions"):
+        if getattr(args, name):
+            confirm.precision_list(name.replace("_", "-"), getattr(args, name))
+    if args.threads:
+        confirm.int_list("threads", args.threads, 1)
+    try:
+        target = float(args.promote_target) if args.promote_target else 99.4
+    except ValueError:
+        raise confirm.ConfirmError(f"--promote-target={args.promote_target!r} is not a number") from None
+    promote.check_arguments(args.model_name, target, int(args.promote_hold or 4))
+    return args.storage or spec.settings.storage, args.study_name or spec.settings.study_name
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tracking.tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
+    p.add_argument("--n-trials", default="", help="search: trials (default: the search file's)")
+    p.add_argument("--storage", default="", help="Optuna storage (default: the search file's)")
+    p.add_argument("--study-name", default="", help="Optuna study (default: the search file's); "
+                                                    "an existing one is resumed")
+    for flag, what in (("--top", "3"), ("--seeds", "2"), ("--precisions", "bf16,fp32"),
+                       ("--threads", "1,2"), ("--final-seeds", "10"), ("--final-precisions", "bf16,fp32")):
+        p.add_argument(flag, default="", help=f"confirm {flag} (default {what})")
+    p.add_argument("--epochs", default="", help="optim.epochs of every run (quick looks)")
+    p.add_argument("--train-limit", default="", help="data.train_limit of every run (quick looks)")
+    p.add_argument("--test-limit", default="", help="data.test_limit of every run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run of search and confirm")
+    p.add_argument("--model-name", default=promote.DEFAULT_MODEL_NAME)
+    p.add_argument("--promote-target", default="", help="promote --target (default 99.4); a quick "
+                                                        "look on tiny data needs a lower one")
+    p.add_argument("--promote-hold", default="", help="promote --hold (default 4)")
+    p.add_argument("--experiment", default="", help="MLflow experiment (default mnist-mlflow, "
+                                                    "or the one `mlflow run` set)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.config = args.config or DEFAULT_CONFIG
+    args.model_name = args.model_name or promote.DEFAULT_MODEL_NAME
+    try:
+        check_server(mlflow.get_tracking_uri())
+        storage, study = check(args)
+        use_experiment(args.experiment)
+    except (confirm.ConfirmError, C.ConfigError, promote.PromotionError, MlflowException) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    try:
+        with runs.sigterm_as_interrupt():
+            parent_id, version = run_tune(args, storage, study)
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the chain's runs are KILLED", file=sys.stderr)
+        return 130
+    print(f"tune run {parent_id}: models:/{args.model_name}@{promote.ALIAS} is version {version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
