@@ -103,10 +103,18 @@ def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
     run = mlflow.start_run(**start_kwargs)
     try:
         yield run
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        exc.run_id = run.info.run_id  # for the caller's "resume with" line
         mlflow.end_run("KILLED")
         raise
-    except BaseException:
+    except BaseException as exc:
+        with contextlib.suppress(AttributeError):
+            exc.run_id = run.info.run_id
+        import optuna  # here: stage runs need not import it
+
+        if not isinstance(exc, optuna.TrialPruned):  # a pruned trial is no error (search closes it)
+            with contextlib.suppress(Exception):  # the store may be what failed
+                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])  # the UI says why
         mlflow.end_run("FAILED")
         raise
     else:
