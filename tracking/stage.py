@@ -76,17 +76,18 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
     Raises SetupError with a one-line reason; the callers exit 2 on it.
     """
     try:
-        check_store()  # before any other store call can hang in retries
         resume = getattr(args, "resume", "")
         if resume:
             if overrides_from(args):
                 raise C.ConfigError("--resume continues a run with its own config: drop the overrides")
+            check_store()  # before any other store call can hang in retries
             cfg = runs.config_of_run(resume)
             runs.check_resumable(resume)  # fails now, not after loading data
         else:
             if not args.config:
                 raise C.ConfigError("an experiment file is needed, e.g. experiments/stage3.yaml")
             cfg = C.load(args.config, overrides_from(args))
+            check_store()  # after the config: a bad file creates no store
         try:
             resolve_device(cfg.device)
         except RuntimeError as exc:
