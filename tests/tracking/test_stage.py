@@ -92,7 +92,7 @@ def test_non_finite_values_are_refused_and_a_diverging_run_ends_failed(tracking_
     assert "schedule.max_lr=inf is not allowed: a finite number" in capsys.readouterr().err
     assert all_runs() == []
 
-    assert stage.main([STAGE3, *TINY, "--set", "schedule.name=none optim.name=sgd optim.lr=1e30"]) == 1
+    assert stage.main([STAGE3, *TINY, "--set", "schedule.name=none optim.name=sgd optim.lr=1.0e+30"]) == 1
     err = capsys.readouterr().err
     (run,) = all_runs()
     assert run.info.status == "FAILED"
