@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -41,15 +42,15 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 300) -> None:
+def wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 900) -> None:
     """Until the first checkpoint file exists (the store is not polled: it is busy)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if list(root.glob("**/artifacts/checkpoint/last.pt")):
             return
         time.sleep(0.05)
-    pytest.fail(f"no checkpoint before the process ended (rc {proc.poll()}): "
-                f"{proc.stderr.read()[-2000:] if proc.stderr and proc.poll() is not None else ''}")
+    logs = "".join(p.read_text()[-2000:] for p in root.glob("mlflow-run-*.log"))
+    pytest.fail(f"no checkpoint within {timeout} s or before the process ended (rc {proc.poll()}): {logs}")
 
 
 # ---------------------------------------------------------------- bad input, before any run
@@ -176,22 +177,39 @@ def test_an_interrupted_run_prints_its_id_state_and_resume_command(tracking_uri,
     assert "Traceback" not in err
 
 
-def mlflow_run(params: list[str], experiment: str = "e2e", **kwargs) -> subprocess.Popen:
-    cmd = ["mlflow", "run", str(ROOT), "-e", "stage3", "--env-manager", "local",
-           "--experiment-name", experiment]
-    for p in params:
-        cmd += ["-P", p]
-    return subprocess.Popen(cmd, cwd=os.getcwd(), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+@pytest.fixture
+def mlflow_run(tracking_uri):
+    """Starts `mlflow run . -e stage3` in experiment e2e (created here: the store is migrated once,
+    in this process); whatever is left of it is killed at the end of the test."""
+    MlflowClient().create_experiment("e2e", artifact_location=(Path.cwd() / "mlruns").as_uri())
+    started = []
+
+    def start(params: list[str], **kwargs) -> subprocess.Popen:
+        cmd = ["mlflow", "run", str(ROOT), "-e", "stage3", "--env-manager", "local",
+               "--experiment-name", "e2e"]
+        for p in params:
+            cmd += ["-P", p]
+        with open(Path.cwd() / f"mlflow-run-{len(started)}.log", "w") as log:  # a pipe could fill up
+            proc = subprocess.Popen(cmd, cwd=os.getcwd(), env=env(), stdout=log,
+                                    stderr=subprocess.STDOUT, text=True, **kwargs)
+        started.append(psutil.Process(proc.pid))
+        return proc
+
+    yield start
+    for parent in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for p in [*parent.children(recursive=True), parent]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
 
 
 MLFLOW_RUN_LONG = [f"epochs={EPOCHS}", "train_limit=3000", "test_limit=300", "set=optim.batch_size=32"]
 
 
 @pytest.mark.slow
-def test_bad_mlflow_run_params_leave_the_run_failed_with_the_reason(tracking_uri):
+def test_bad_mlflow_run_params_leave_the_run_failed_with_the_reason(mlflow_run):
     proc = mlflow_run(["epochs=-1"])
-    proc.communicate(timeout=300)
+    proc.communicate(timeout=900)
     assert proc.returncode != 0
     (run,) = all_runs()
     assert run.info.status == "FAILED"
@@ -199,16 +217,16 @@ def test_bad_mlflow_run_params_leave_the_run_failed_with_the_reason(tracking_uri
 
 
 @pytest.mark.slow
-def test_ctrl_c_to_mlflow_run_leaves_the_run_killed_and_resume_finds_its_experiment(tracking_uri):
+def test_ctrl_c_to_mlflow_run_leaves_the_run_killed_and_resume_finds_its_experiment(mlflow_run):
     proc = mlflow_run(MLFLOW_RUN_LONG, start_new_session=True)  # a group of its own, as a terminal's
     wait_for_checkpoint(proc, Path.cwd())
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
-    proc.communicate(timeout=120)
+    proc.communicate(timeout=300)
     (run,) = all_runs()
     assert run.info.status == "KILLED"
     run_id = run.info.run_id
     resumed = subprocess.run([sys.executable, "-m", "tracking.stage", "--resume", run_id, "--no-progress"],
-                             cwd=os.getcwd(), env=env(), capture_output=True, text=True, timeout=600)
+                             cwd=os.getcwd(), env=env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert [e.name for e in MlflowClient().search_experiments()] == ["e2e"]  # nothing made on the side
@@ -217,16 +235,14 @@ def test_ctrl_c_to_mlflow_run_leaves_the_run_killed_and_resume_finds_its_experim
 
 
 @pytest.mark.slow
-def test_sigterm_to_mlflow_run_stops_the_training(tracking_uri):
-    import psutil
-
+def test_sigterm_to_mlflow_run_stops_the_training(mlflow_run):
     proc = mlflow_run(MLFLOW_RUN_LONG)
     wait_for_checkpoint(proc, Path.cwd())
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children, "mlflow run has no training child"
     proc.send_signal(signal.SIGTERM)  # to `mlflow run` alone
-    proc.communicate(timeout=120)
-    gone, alive = psutil.wait_procs(children, timeout=120)
+    proc.communicate(timeout=300)
+    gone, alive = psutil.wait_procs(children, timeout=300)
     assert not alive, "the training outlived mlflow run"
     (run,) = all_runs()
     assert run.info.status == "KILLED"
