@@ -9,7 +9,6 @@ uninterrupted run would have had.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import sys
@@ -22,6 +21,7 @@ from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from mnist_mlflow.train import Diverged, resolve_device
 from tracking import runs
+from tracking.mlflow_run import keep_status_after_parent, record_setup_error, stop_with_parent
 from tracking.store import check_server, check_store  # noqa: F401 - check_server: promote's import
 
 DEFAULT_EXPERIMENT = "mnist-mlflow"
@@ -108,31 +108,6 @@ class SetupError(RuntimeError):
     """Bad input or an unusable environment, found before training."""
 
 
-def record_setup_error(message: str) -> None:
-    """Inside `mlflow run`, the run already exists: it ends FAILED with the reason as tag `error`."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
-    try:
-        check_store()
-        client = mlflow.MlflowClient()
-        client.set_tag(run_id, "error", message[:5000])
-        client.set_terminated(run_id, "FAILED")
-    except Exception:  # noqa: BLE001 - the store may be the problem; the message is printed anyway
-        pass
-
-
-def stop_with_parent() -> None:
-    """Under `mlflow run`, SIGTERM us when it dies: it does not pass SIGTERM on to its command.
-
-    Linux's parent-death signal; `mlflow run` sets MLFLOW_RUN_ID for its command only.
-    """
-    if not os.environ.get("MLFLOW_RUN_ID") or not sys.platform.startswith("linux"):
-        return
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
 def interrupted_line(exc: KeyboardInterrupt) -> str:
     run_id = getattr(exc, "run_id", None)
     if run_id is None:
@@ -173,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress,
                                         checkpoints=True, resume_run_id=args.resume or None)
     except KeyboardInterrupt as exc:
+        if getattr(exc, "run_id", None):
+            keep_status_after_parent(exc.run_id, "KILLED")  # under `mlflow run`: it would say FAILED
         print(interrupted_line(exc), file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)  # the shell's convention: 130, 143
     except Diverged as exc:
