@@ -8,6 +8,7 @@ the Optuna search uses as parameter names, so a best trial maps straight back he
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -164,6 +165,7 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(ok, path, value, "a number")
+        _check(math.isfinite(value), path, value, "a finite number")  # .inf/.nan train to NaN
         return float(value)
     if annotation is int:
         _check(isinstance(value, int) and not isinstance(value, bool), path, value, "an integer")
@@ -209,7 +211,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} must look like section.key=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: its value is not a YAML scalar "
+                          f"({getattr(exc, 'problem', None) or exc})") from None
 
 
 def _nest(path: str, value: Any) -> dict:
@@ -233,14 +239,10 @@ EXTENDS = "extends"  # an experiment file may derive from another and hold only 
 def read_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """An experiment file's values, merged over the file it `extends:` (a path relative to it)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
         raise ConfigError(f"config files extend each other in a cycle: {chain}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    values = dict(read_yaml(path))
     base = values.pop(EXTENDS, None)
     if base is None:
         return values
@@ -256,6 +258,30 @@ def load(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) 
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     return from_dict(values, overrides)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """An experiment file's mapping; ConfigError with the file (and line) for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:  # also the !!python/... tags: safe_load refuses them
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML ({reason})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({exc})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, "
+                          f"not a {type(values).__name__}")
+    return values
 
 
 def replace(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:

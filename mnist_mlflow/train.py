@@ -6,6 +6,7 @@ caller decides what that means (MLflow logging, Optuna pruning, nothing).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,10 @@ class TrainResult:
     model: nn.Module
     history: list[EpochMetrics] = field(default_factory=list)
     device: str = "cpu"
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite: nothing after that epoch is worth keeping."""
 
 
 EpochCallback = Callable[[EpochMetrics], Optional[bool]]  # True: stop after this epoch
@@ -275,6 +280,9 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
             epoch=epoch, train_loss=loss_sum.item() / n, train_accuracy=correct.item() * 100.0 / n,
             test_loss=test_loss, test_accuracy=test_acc, lr=lr,
             epoch_seconds=time.perf_counter() - t0, val_loss=val_loss, val_accuracy=val_acc)
+        if not math.isfinite(metrics.train_loss):  # already synced above: no extra cost
+            raise Diverged(f"training diverged in epoch {epoch}: train_loss={metrics.train_loss} "
+                           f"(lr {lr:g}); lower the learning rate (optim.lr, schedule.max_lr)")
         result.history.append(metrics)
         bar.set_postfix(train=f"{metrics.train_accuracy:.2f}", test=f"{test_acc:.2f}")
         stop = on_epoch_end is not None and on_epoch_end(metrics)

@@ -27,7 +27,8 @@ from mnist_mlflow import config as C
 from mnist_mlflow import evaluation, explore, figures
 from mnist_mlflow.data import Mnist, Splits, load_mnist, make_splits
 from mnist_mlflow.models import count_params, format_summary, layer_summary
-from mnist_mlflow.train import EpochMetrics, TrainResult, fit, init_model, predict_logits
+from mnist_mlflow.train import (EpochMetrics, TrainResult, fit, init_model, predict_logits,
+                                resolve_device)
 from tracking import hardware
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
@@ -40,11 +41,15 @@ class ResumeError(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM, turned into the same path as Ctrl-C."""
+    """SIGTERM, turned into the same path as Ctrl-C; `signum` says which signal it was."""
+
+    def __init__(self, signum: int, again: bool = False):
+        super().__init__(f"signal {signum}" + (", again" if again else ""))
+        self.signum = signum
 
 
 def _raise_interrupted(signum, _frame):
-    raise Interrupted(f"signal {signum}")
+    raise Interrupted(signum)
 
 
 @contextlib.contextmanager
@@ -65,7 +70,9 @@ class DeferredInterrupt:
     """Ctrl-C and SIGTERM during training set a flag that training checks between batches.
 
     So the interrupt never lands inside MLflow's logging or a checkpoint's upload (where it
-    could leave the store half-written); a second signal interrupts at once.
+    could leave the store half-written); the same signal again interrupts at once. Another
+    signal does not: `mlflow run` answers Ctrl-C by sending its command SIGTERM, which is the
+    same request, and must not cut the checkpoint short.
     """
 
     def __init__(self) -> None:
@@ -75,13 +82,14 @@ class DeferredInterrupt:
         return self.signum is not None
 
     def _handle(self, signum, _frame) -> None:
-        if self.signum is not None:
-            raise Interrupted(f"signal {signum}, again")
-        self.signum = signum
+        if self.signum == signum:
+            raise Interrupted(signum, again=True)
+        if self.signum is None:
+            self.signum = signum
 
     def raise_if_set(self) -> None:
         if self.signum is not None:
-            raise Interrupted(f"signal {self.signum}")
+            raise Interrupted(self.signum)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["DeferredInterrupt"]:
@@ -104,10 +112,18 @@ def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
     run = mlflow.start_run(**start_kwargs)
     try:
         yield run
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        exc.run_id = run.info.run_id  # for the caller's "resume with" line
         mlflow.end_run("KILLED")
         raise
-    except BaseException:
+    except BaseException as exc:
+        with contextlib.suppress(AttributeError):
+            exc.run_id = run.info.run_id
+        import optuna  # here: stage runs need not import it
+
+        if not isinstance(exc, optuna.TrialPruned):  # a pruned trial is no error (search closes it)
+            with contextlib.suppress(Exception):  # the store may be what failed
+                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])  # the UI says why
         mlflow.end_run("FAILED")
         raise
     else:
@@ -134,6 +150,11 @@ def versions() -> dict[str, str]:
             "version.opencv": cv2.__version__}
 
 
+def dataset_source(source: str) -> str:
+    """MLflow resolves dataset sources by scheme and knows no ``idx:``: give it the folder."""
+    return source.removeprefix("idx:")
+
+
 def log_datasets(mnist: Mnist, splits: Splits) -> None:
     parts = [("train", splits.train_x, splits.train_y, "training"),
              ("val", splits.val_x, splits.val_y, "validation"),
@@ -141,7 +162,7 @@ def log_datasets(mnist: Mnist, splits: Splits) -> None:
     for name, x, y, context in parts:
         if y is None:
             continue
-        ds = mlflow.data.from_numpy(x, targets=y, source=mnist.source, name=f"mnist-{name}",
+        ds = mlflow.data.from_numpy(x, targets=y, source=dataset_source(mnist.source), name=f"mnist-{name}",
                                     digest=f"{mnist.digest}-{name}-{len(y)}")
         for attempt in range(3):
             try:
@@ -297,6 +318,7 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
     """
     state = load_checkpoint(resume_run_id) if resume_run_id else None
     mnist, splits = prepare(cfg, mnist)
+    resolve_device(cfg.device)  # device=cuda without CUDA: no run is created
     model, mean, std = init_model(cfg, splits.train_x)  # BudgetError here: no run is created
     params = {**C.flatten(cfg), "num_params": count_params(model), "data.digest": mnist.digest,
               "data.source": mnist.source, "data.mean": round(mean, 6), "data.std": round(std, 6),
@@ -317,9 +339,13 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
             if cfg.study_data:
                 log_data_study(splits, mean, std)
         with DeferredInterrupt().installed() as interrupt:
-            result = fit(cfg, splits, on_epoch_end=on_epoch, progress=progress, model=model,
-                         on_checkpoint=log_checkpoint if checkpoints or state else None,
-                         resume_from=state, stop_requested=interrupt)
+            try:
+                result = fit(cfg, splits, on_epoch_end=on_epoch, progress=progress, model=model,
+                             on_checkpoint=log_checkpoint if checkpoints or state else None,
+                             resume_from=state, stop_requested=interrupt)
+            except KeyboardInterrupt:
+                interrupt.raise_if_set()  # as Interrupted, which says which signal it was
+                raise
             interrupt.raise_if_set()  # arrived during the last epoch's logging
         if log_model_artifact:
             hold = log_results(cfg, splits, result)

@@ -109,7 +109,7 @@ def load_search(path: str | Path, overrides: dict[str, Any] | None = None,
     if not path.is_file():
         raise ConfigError(f"search file {str(path)!r} does not exist")
     raw = C.read_file(path)  # with the file it extends (experiments/stage3.yaml)
-    parent = (yaml.safe_load(path.read_text()) or {}).get(C.EXTENDS)
+    parent = C.read_yaml(path).get(C.EXTENDS)
     extends = str((path.parent / parent).resolve()) if parent else None
     # config.load refuses unknown top-level keys, so split ours off before it sees them.
     space_raw, settings_raw = raw.pop("space", None), raw.pop("search", None) or {}

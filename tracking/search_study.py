@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import time
 import warnings
 
@@ -61,7 +62,12 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
         if not path or not os.path.isdir(folder):
             raise C.ConfigError(f"storage {url!r}: the journal file's folder {folder!r} "
                                 "does not exist")
-        backend = optuna.storages.journal.JournalFileBackend(path)
+        try:  # the journal appends to its file and locks with a symlink beside it: probe both
+            open(path, "ab").close()
+            tempfile.TemporaryFile(dir=folder).close()
+            backend = optuna.storages.journal.JournalFileBackend(path)
+        except OSError as exc:
+            raise C.ConfigError(f"storage {url!r} cannot be written ({exc.strerror or exc})") from None
         return optuna.storages.journal.JournalStorage(backend)
     for attempt in range(1, 4):
         try:

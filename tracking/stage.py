@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-import urllib.error
-import urllib.request
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -20,7 +19,10 @@ from mlflow.exceptions import MlflowException
 from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
+from mnist_mlflow.train import Diverged, resolve_device
 from tracking import runs
+from tracking.mlflow_run import keep_status_after_parent, record_setup_error, stop_with_parent
+from tracking.store import check_server, check_store  # noqa: F401 - check_server: promote's import
 
 DEFAULT_EXPERIMENT = "mnist-mlflow"
 
@@ -52,25 +54,13 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """An HTTP tracking server must answer /health now: MLflow's own client would retry for minutes."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise MlflowException(f"tracking server {uri} cannot be reached ({reason}); start it or set "
-                              "MLFLOW_TRACKING_URI to a reachable store, e.g. sqlite:///mlflow.db") from exc
-
-
 def use_experiment(name: str) -> str:
     """Inside `mlflow run` the experiment is already chosen; otherwise ours, or the one named.
 
-    This is also the first contact with the tracking store: an unreachable one fails here.
+    This is also the first contact with the tracking store: an unusable one fails here.
     Returns the experiment's id.
     """
-    check_server(mlflow.get_tracking_uri())
+    check_store()
     if not name and "MLFLOW_EXPERIMENT_ID" in os.environ:
         return mlflow.set_experiment(experiment_id=os.environ["MLFLOW_EXPERIMENT_ID"]).experiment_id
     experiment = mlflow.set_experiment(name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
@@ -86,19 +76,29 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
     Raises SetupError with a one-line reason; the callers exit 2 on it.
     """
     try:
-        check_server(mlflow.get_tracking_uri())  # before any other store call can hang in retries
-        if getattr(args, "resume", ""):
+        resume = getattr(args, "resume", "")
+        if resume:
             if overrides_from(args):
                 raise C.ConfigError("--resume continues a run with its own config: drop the overrides")
-            cfg = runs.config_of_run(args.resume)
-            runs.check_resumable(args.resume)  # fails now, not after loading data
+            check_store()  # before any other store call can hang in retries
+            cfg = runs.config_of_run(resume)
+            runs.check_resumable(resume)  # fails now, not after loading data
         else:
             if not args.config:
                 raise C.ConfigError("an experiment file is needed, e.g. experiments/stage3.yaml")
             cfg = C.load(args.config, overrides_from(args))
+            check_store()  # after the config: a bad file creates no store
+        try:
+            resolve_device(cfg.device)
+        except RuntimeError as exc:
+            raise C.ConfigError(str(exc)) from None
         mnist, _ = runs.prepare(cfg)
         build_model(cfg.model)
-        use_experiment(args.experiment)
+        if resume:  # the run's own experiment, wherever it was started (`mlflow run` picks one)
+            experiment_id = mlflow.MlflowClient().get_run(resume).info.experiment_id
+            mlflow.set_experiment(experiment_id=experiment_id)
+        else:
+            use_experiment(args.experiment)
     except (C.ConfigError, BudgetError, DataError, MlflowException, runs.ResumeError) as exc:
         raise SetupError(str(exc)) from exc
     return cfg, mnist
@@ -108,22 +108,53 @@ class SetupError(RuntimeError):
     """Bad input or an unusable environment, found before training."""
 
 
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    run_id = getattr(exc, "run_id", None)
+    if run_id is None:
+        return "interrupted before a run was created"
+    try:
+        runs.check_resumable(run_id)
+    except Exception as why:  # noqa: BLE001 - ResumeError, or a store gone away
+        return f"interrupted: run {run_id} is KILLED; it cannot be resumed ({why})"
+    return (f"interrupted: run {run_id} is KILLED; resume it with: "
+            f"python -m tracking.stage --resume {run_id}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tracking.stage", description=__doc__)
     p.add_argument("config", nargs="?", default="", help="experiment file, e.g. experiments/stage3.yaml")
     add_common_arguments(p)
     p.add_argument("--resume", default="", metavar="RUN_ID",
                    help="continue an interrupted run from its last checkpoint, in the same MLflow run")
+    p.add_argument("--check", action="store_true",
+                   help="check config, data, budget, device and store, then exit without a run")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    stop_with_parent()
     try:
         cfg, mnist = checked_setup(args)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        record_setup_error(str(exc))
         return 2
-    with runs.sigterm_as_interrupt():
-        outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress, checkpoints=True,
-                                    resume_run_id=args.resume or None)
+    except KeyboardInterrupt as exc:
+        print(interrupted_line(exc), file=sys.stderr)
+        return 130
+    if args.check:
+        print(f"ok: {cfg.stage}, {cfg.optim.epochs} epochs, store {mlflow.get_tracking_uri()}")
+        return 0
+    try:
+        with runs.sigterm_as_interrupt():
+            outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress,
+                                        checkpoints=True, resume_run_id=args.resume or None)
+    except KeyboardInterrupt as exc:
+        if getattr(exc, "run_id", None):
+            keep_status_after_parent(exc.run_id, "KILLED")  # under `mlflow run`: it would say FAILED
+        print(interrupted_line(exc), file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)  # the shell's convention: 130, 143
+    except Diverged as exc:
+        print(f"error: {exc}; run {getattr(exc, 'run_id', '?')} is FAILED", file=sys.stderr)
+        return 1
     print(runs.summary_text(cfg, outcome.hold, runs.count_params(outcome.result.model),
                             outcome.result.history), end="")
     print(f"run_id: {outcome.run_id}")

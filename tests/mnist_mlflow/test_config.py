@@ -56,7 +56,7 @@ def test_a_file_extends_another_relative_to_itself_and_overrides_it(tmp_path):
     ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}, "cycle"),
     ({"a.yaml": "extends: missing.yaml\n"}, "missing.yaml' does not exist"),
     ({"a.yaml": "extends: 3\n"}, "extends=3 is not allowed"),
-    ({"a.yaml": "- 1\n- 2\n"}, "top level must be a mapping"),
+    ({"a.yaml": "- 1\n- 2\n"}, "must hold a mapping of settings"),
 ])
 def test_bad_extends_is_a_config_error(tmp_path, files, message):
     for name, text in files.items():
@@ -70,3 +70,33 @@ def test_differences_hold_only_what_differs():
     changed = C.replace(base, {"optim.epochs": 9, "data.val_size": 100})
     assert C.differences(changed, base) == {"optim": {"epochs": 9}, "data": {"val_size": 100}}
     assert C.differences(changed, base, skip=("data.",)) == {"optim": {"epochs": 9}}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim:\n  lr: [0.1\n", r"bad.yaml', line 3: not valid YAML"),
+    ("- optim.lr: 0.1\n", "bad.yaml' must hold a mapping of settings, not a list"),
+    ("seed: !!python/object/apply:os.system ['touch pwned']\n", r"bad.yaml', line 1: not valid YAML"),
+])
+def test_yaml_errors_name_the_file_and_line(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(tmp_path / "bad.yaml")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_directory_as_config_is_named_as_such(tmp_path):
+    with pytest.raises(C.ConfigError, match="is a directory, not a YAML file"):
+        C.load(tmp_path)
+
+
+@pytest.mark.parametrize("override", ["schedule.max_lr=.inf", "optim.lr=.nan", "optim.weight_decay=-.inf",
+                                      "target.accuracy=.NaN", "optim.ema_decay=.nan"])
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(C.ConfigError, match="is not allowed: a finite number"):
+        C.load(ROOT / "experiments/stage3.yaml", [override])
+
+
+def test_an_override_that_is_not_yaml_is_a_config_error():
+    with pytest.raises(C.ConfigError, match="optim.lr=\\[0.1.*not a YAML scalar"):
+        C.load(ROOT / "experiments/stage3.yaml", ["optim.lr=[0.1"])

@@ -88,6 +88,43 @@ def test_idx_folder_is_accepted(tmp_path, mnist):
     assert loaded.digest == mnist.digest and loaded.source.startswith("idx:")
 
 
+def write_idx_dir(folder, mnist):
+    for name, arr in (("train-images-idx3-ubyte", mnist.train_x), ("train-labels-idx1-ubyte", mnist.train_y),
+                      ("t10k-images-idx3-ubyte", mnist.test_x), ("t10k-labels-idx1-ubyte", mnist.test_y)):
+        _write_idx(folder / name, arr)
+    return folder
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("train-images-idx3-ubyte", bytes([0, 0, 8, 200]) + bytes(12), "IDX header of 200 dimensions"),
+    ("train-images-idx3-ubyte", bytes([0, 0, 8, 3, 0, 0]), "IDX header of 3 dimensions in 6 bytes"),
+    ("train-images-idx3-ubyte.gz", b"not gzip at all", "not a readable gzip file"),
+    ("train-images-idx3-ubyte.gz", gzip.compress(bytes(range(256)) * 4)[:40], "not a readable gzip file"),
+])
+def test_broken_idx_files_are_a_data_error_naming_the_file(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(D.DataError, match=message) as info:
+        D.load_idx_dir(tmp_path)
+    assert name in str(info.value)
+
+
+def test_poisoned_cache_is_refused_and_removed_even_with_a_valid_checksum(tmp_path, mnist, capsys):
+    # labels shifted by one and the cache's own checksum recomputed: only the pin catches it
+    arrays = {"train_x": mnist.train_x, "train_y": (mnist.train_y + 1) % 10,
+              "test_x": mnist.test_x, "test_y": mnist.test_y}
+    path = tmp_path / "cache" / D.CACHE_NAME
+    D._write_cache(path, arrays)
+    with pytest.raises(D.DataError, match="downloads are disabled"):
+        D.load_mnist(cache=path.parent, allow_download=False)
+    assert "is not standard MNIST" in capsys.readouterr().err
+    assert not path.exists()  # rebuilt from the wheel on the next load
+
+
+def test_pinned_digest_is_that_of_the_converted_wheel(mnist):
+    assert mnist.source.startswith(D.WHEEL_SPEC)
+    assert D.arrays_sha256(mnist.__dict__) == D.MNIST_SHA256
+
+
 def test_idx_folder_missing_file_names_it(tmp_path):
     with pytest.raises(D.DataError, match="has no train-images-idx3-ubyte"):
         D.load_mnist(data_dir=tmp_path)

@@ -170,3 +170,14 @@ def test_pool_before_bn_keeps_params_and_rf_and_channels_last_changes_only_speed
     out_fast.square().sum().backward()
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-3, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 256.0])
+def test_an_evaluating_model_refuses_pixels_outside_the_contract(bad):
+    model = build_model(ModelConfig()).eval()
+    x = torch.full((2, 1, 28, 28), 100.0)
+    x[1, 0, 5, 5] = bad
+    with pytest.raises(ValueError, match="input pixels must be finite numbers in 0-255"):
+        model(x)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # the edges of the range are fine
+    model.train()(x.clamp(0, 255).nan_to_num(0.0))  # training batches are not checked (no sync)

@@ -109,6 +109,56 @@ def test_a_blank_image_is_an_error(tmp_path):
         PP.load_digit(path)
 
 
+def huge_png(path: Path, side: int) -> Path:
+    """A PNG whose header says side x side pixels; its data is a stub (a header check must suffice)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(bytes(side + 1))) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_huge_image_gets_its_own_error_before_decoding_and_the_rest_are_read(tmp_path, photos):
+    huge = huge_png(tmp_path / "huge.png", 40000)
+    good = str(photos[0][1])
+    images, ok, failed = PR.read_images([str(huge), good])
+    assert ok == [good] and len(images) == 1
+    (bad,) = failed
+    assert bad.file == str(huge) and bad.error.startswith("40000x40000 pixels is over the limit of 50,000,000")
+
+
+def test_the_pixel_limit_is_configurable(tmp_path, photos):
+    good = str(photos[0][1])
+    _, ok, failed = PR.read_images([good], max_pixels=100)
+    assert ok == [] and "over the limit of 100 (--max-pixels)" in failed[0].error
+    assert PR.main([good, "--max-pixels", "0"]) == 2
+
+
+def test_an_unreachable_tracking_server_fails_predict_within_seconds(photos, monkeypatch, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    previous = mlflow.get_tracking_uri()  # the module's store, if its fixture has set one
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    try:
+        assert PR.main([str(photos[0][1]), "--model", "models:/mnist-8k@champion"]) == 2
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert "could not load model 'models:/mnist-8k@champion'" in err and len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------- with the model
 
 def test_photos_get_the_same_class_as_the_originals(mnist, photos, model):

@@ -112,3 +112,14 @@ def test_library_imports_neither_mlflow_nor_optuna():
             "print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_non_finite_loss_stops_training_naming_the_epoch(mnist, tiny_config):
+    from mnist_mlflow.train import Diverged
+
+    cfg = C.replace(tiny_config, {"schedule.name": "none", "optim.name": "sgd", "optim.lr": 1e30})
+    seen = []
+    with pytest.raises(Diverged, match=r"training diverged in epoch 1: train_loss=(nan|inf)"):
+        fit(cfg, make_splits(mnist, train_limit=2000, test_limit=500), on_epoch_end=seen.append,
+            progress=False)
+    assert seen == []  # nothing of that epoch reaches the callbacks

@@ -112,6 +112,14 @@ def test_cli_refuses_a_bad_file_before_anything_exists(tmp_path, capsys):
     assert "--epochs='two' is not an integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("path", ["/sys/optuna.log", "/proc/version"])  # unwritable even for root
+def test_an_unwritable_journal_is_one_line_and_exit_2(tracking_uri, path, capsys):
+    assert search.main(["--config", str(ROOT / "experiments/search.yaml"), "--storage", f"journal:{path}",
+                        "--n-trials", "1", "--epochs", "1", "--train-limit", "500", "--test-limit", "100"]) == 2
+    err = capsys.readouterr().err
+    assert f"storage 'journal:{path}' cannot be written" in err and len(err.strip().splitlines()) == 1
+
+
 def test_empty_cli_values_mean_unset():
     opts = search.parse_args(["--n-trials", "", "--epochs", "", "--storage", "", "--workers", "",
                               "--seed", "", "--timeout", "", "--train-limit", "", "--test-limit", ""])

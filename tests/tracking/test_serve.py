@@ -58,6 +58,24 @@ def invoke(url: str, x: np.ndarray) -> np.ndarray:
         return np.asarray(json.loads(r.read())["predictions"], dtype=np.float64)
 
 
+def refused_bodies(x: np.ndarray) -> list[bytes]:
+    """The request for x[:1] with one pixel written as null, 1e400 and 300 (raw JSON text)."""
+    pixels = json.dumps({"inputs": x[:1].tolist()})
+    first = json.dumps(float(x[0, 0, 0, 0]))  # the first pixel's JSON text, replaced once
+    assert pixels.count(first) >= 1
+    return [pixels.replace(first, bad, 1).encode() for bad in ("null", "1e400", "300")]
+
+
+def post(url: str, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(f"{url}/invocations", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def stop(proc: subprocess.Popen) -> None:
     """The server forks workers: signal its whole process group, escalate if it lingers."""
     if proc.poll() is not None:
@@ -96,8 +114,13 @@ def test_served_champion_answers_like_the_local_model(tracking_uri, tiny_config,
     try:
         wait_for_ping(proc, url, log)
         served = invoke(url, x)
+        refused = [post(url, body) for body in refused_bodies(x)]
     finally:
         stop(proc)
+
+    # null and 1e400 parse to NaN and inf; the contract is 0-255: 400 with the reason, never NaN logits
+    for status, text in refused:
+        assert status == 400 and "input pixels must be finite numbers in 0-255" in text, (status, text[:500])
 
     assert served.shape == (8, 10)
     np.testing.assert_allclose(served, local, rtol=1e-4, atol=1e-4)
