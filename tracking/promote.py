@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import math
 import sys
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -264,6 +265,19 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
+def idempotent(call, *args, attempts: int = 4):
+    """A registry write that another promoter may make at the same moment (the same alias or
+    tag): the two inserts race in the server's database and the loser gets an error although
+    the row now exists. Writing it again updates it. A refused value is not retried."""
+    for attempt in range(attempts):
+        try:
+            return call(*args)
+        except MlflowException as exc:
+            if exc.error_code == "INVALID_PARAMETER_VALUE" or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def register(client: MlflowClient, name: str, cand: Candidate, alias: str) -> tuple[ModelVersion, bool]:
     """Registers the run once, whoever else promotes it at the same moment, from any machine.
 
@@ -287,8 +301,8 @@ def register(client: MlflowClient, name: str, cand: Candidate, alias: str) -> tu
         if str(kept.version) != str(mine.version):
             client.delete_model_version(name, mine.version)  # an earlier promoter won
         for key, value in tags.items():
-            client.set_model_version_tag(name, kept.version, key, str(value))
-        client.set_registered_model_alias(name, alias, kept.version)
+            idempotent(client.set_model_version_tag, name, kept.version, key, str(value))
+        idempotent(client.set_registered_model_alias, name, alias, kept.version)
     except BaseException:
         with contextlib.suppress(MlflowException):  # already gone if we lost the race
             client.delete_model_version(name, mine.version)  # never leave a half-registered one
@@ -325,7 +339,7 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: float = 99.4, hold: in
         return result_of(model_name, cand, existing and existing.version, False, True, verified)
     existing = find_version(client, model_name, cand.run_id)  # another promoter may have won
     if existing:
-        client.set_registered_model_alias(model_name, alias, existing.version)
+        idempotent(client.set_registered_model_alias, model_name, alias, existing.version)
         return result_of(model_name, cand, existing.version, False, False, verified)
     version, created = register(client, model_name, cand, alias)
     return result_of(model_name, cand, version.version, created, False, verified)
