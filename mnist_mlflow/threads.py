@@ -2,10 +2,10 @@
 
 Two oneDNN/OpenMP threads on two cores that another process also wants lose far more than a
 core's share: every parallel region waits for its slowest thread, so a preempted thread stalls
-the other (measured on 2 cores: 3x slower beside one busy process, 20x beside two; one thread
-degrades only by its share). "auto" therefore counts the cores this process may use
-(`os.sched_getaffinity`, capped by OMP_NUM_THREADS when set) and subtracts what other processes
-keep busy over a short sample of /proc/stat; a core counts as taken when more than half of it is.
+the others, while one thread degrades only by its share (figures: README, benchmarks/shared_cores). "auto" therefore counts the cores this process may use
+(`os.sched_getaffinity`, a container's CPU quota, OMP_NUM_THREADS when set) and subtracts what
+other processes keep busy over a short sample of /proc/stat; a core counts as taken when more
+than half of it is.
 
 bf16 results depend on the thread count, so callers resolve once per run, record the number and
 reuse it (`tracking.runs` logs it and a resumed run applies the original count).
@@ -28,9 +28,23 @@ _pinned_auto: int | None = None  # what "auto" means in this process, once fixed
 _interop_set = False
 
 
+def _cgroup_cpus() -> float | None:
+    """A container's CPU quota (cgroup v2 cpu.max), in CPUs; None when unlimited or unknown."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
 def usable_cores() -> int:
-    """CPUs this process may run on, capped by OMP_NUM_THREADS when the user set it."""
+    """CPUs this process may run on (affinity, a container's quota), capped by OMP_NUM_THREADS
+    when the user set it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpus()
+    if quota is not None:
+        cores = min(cores, max(1, int(quota + 0.5)))
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
         cores = min(cores, int(omp))

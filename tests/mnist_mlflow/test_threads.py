@@ -43,7 +43,7 @@ def test_auto_never_exceeds_omp_num_threads_or_the_affinity(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert T.usable_cores() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert T.usable_cores() == len(os.sched_getaffinity(0))
+    assert 1 <= T.usable_cores() <= len(os.sched_getaffinity(0))
     busy = T.busy_cores(0.1)
     assert busy is not None and 0.0 <= busy <= len(os.sched_getaffinity(0)) + 1e-9
 
