@@ -109,26 +109,20 @@ def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
     (tracking/liveness.py), so a run whose process died is found and closed by tracking.doctor.
     """
     run = mlflow.start_run(**start_kwargs)
-    hb = None
+    status, hb = "FINISHED", None
     try:
         hb = liveness.Heartbeat(run.info.run_id).start()
         yield run
     except KeyboardInterrupt:
-        _stop(hb)
-        mlflow.end_run("KILLED")
+        status = "KILLED"
         raise
     except BaseException:
-        _stop(hb)
-        mlflow.end_run("FAILED")
+        status = "FAILED"
         raise
-    else:
-        _stop(hb)
-        mlflow.end_run("FINISHED")
-
-
-def _stop(hb: "liveness.Heartbeat | None") -> None:
-    if hb is not None:
-        hb.stop()
+    finally:
+        if hb is not None:
+            hb.stop()  # no beat after the end
+        mlflow.end_run(status)
 
 
 def git_commit() -> str:
