@@ -83,7 +83,8 @@ def table(cells: list[Cell], settings: list[str], loads: list[int], reference: C
         row = f"{s:<10}"
         for b in loads:
             c = by[(s, b)]
-            row += f"{f'{c.s_per_epoch:.2f} s ({c.threads}) {c.s_per_epoch / reference.s_per_epoch:.2f}x':>24}"
+            ratio = c.s_per_epoch / reference.s_per_epoch
+            row += f"{f'{c.s_per_epoch:.2f} s ({c.threads}) {ratio:.2f}x':>24}"
         lines.append(row)
     autos = [c for c in cells if c.setting == "auto"]
     if autos:

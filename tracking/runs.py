@@ -350,7 +350,8 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
         with DeferredInterrupt().installed() as interrupt:
             result = fit(C.replace(cfg, {"threads": n_threads}), splits, on_epoch_end=on_epoch,
                          progress=progress, model=model,
-                         on_checkpoint=log_checkpoint if checkpoints or state else None, resume_from=state, stop_requested=interrupt)
+                         on_checkpoint=log_checkpoint if checkpoints or state else None,
+                         resume_from=state, stop_requested=interrupt)
             interrupt.raise_if_set()  # arrived during the last epoch's logging
         if log_model_artifact:
             hold = log_results(cfg, splits, result)

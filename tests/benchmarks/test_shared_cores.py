@@ -26,7 +26,7 @@ def test_every_setting_trains_quiet_and_beside_busy_processes_and_is_logged(trac
     assert run.info.status == "FINISHED" and run.data.tags["liveness.pid"]
     ref = f"threads_{T.TORCH_DEFAULT}.busy_0"
     assert run.data.metrics[f"ratio.{ref}"] == pytest.approx(1.0)
-    assert {f"s_per_epoch.threads_auto.busy_1", "resolved_threads.threads_auto.busy_1"} <= set(run.data.metrics)
+    assert {"s_per_epoch.threads_auto.busy_1", "resolved_threads.threads_auto.busy_1"} <= set(run.data.metrics)
 
 
 def test_bad_settings_are_refused_before_any_work(capsys):
