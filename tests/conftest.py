@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import mlflow
+# Before MLflow is imported: its telemetry thread, failing to reach its server from here, unsets
+# an environment variable while other threads' HTTP requests iterate os.environ (KeyError, seen
+# in tests against a tracking server); tests send no telemetry anyway. Subprocesses inherit it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
 import pytest
 
 from mnist_mlflow import config as C
