@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mnist_mlflow import config as C
+from mnist_mlflow import threads as T
 from mnist_mlflow.data import load_mnist, make_splits
 from mnist_mlflow.train import fit
 
@@ -46,7 +47,9 @@ def main(argv=None) -> dict[str, list[float]]:
     args = p.parse_args(argv)
     try:
         specs = [parse_variant(v) for v in args.variants]
-        forced = {"data.test_limit": 256, "optim.epochs": 1, "device": "cpu"}
+        # one thread count for every variant, decided once (auto: the cores free now)
+        forced = {"data.test_limit": 256, "optim.epochs": 1, "device": "cpu",
+                  "threads": T.resolve(C.load(STAGE3).threads)}
         configs = {name: C.load(STAGE3, overrides) for name, overrides in specs}
         configs = {name: C.replace(cfg, {**forced, "data.train_limit": cfg.optim.batch_size * args.batches})
                    for name, cfg in configs.items()}

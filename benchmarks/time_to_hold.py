@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
 from mnist_mlflow import config as C
+from mnist_mlflow import threads as T
 from mnist_mlflow.data import load_mnist, make_splits
 from mnist_mlflow.evaluation import hold_summary
 from mnist_mlflow.models import build_model, count_params
@@ -167,6 +168,7 @@ def measure(name: str, base: C.RunConfig, forced: dict) -> tuple[C.RunConfig, Ou
     pipeline, overrides, _ = VARIANTS[name]
     cfg = C.replace(base, {**overrides, **forced})
     out = Outcome(name, count_params(build_model(cfg.model)), train_gflop_per_image=train_gflop_per_image(cfg))
+    T.apply(cfg.threads)  # fit applies it too; the DataLoader pipeline trains without fit
     t0 = time.perf_counter()
     (run_loader if pipeline == "loader" else run_project)(cfg, out, t0)
     return cfg, out
@@ -197,7 +199,7 @@ def log(results, text: str, args) -> None:
     with tracked_run(run_name="benchmark-time-to-hold") as parent:  # adopts `mlflow run`'s run
         mlflow.set_tag("benchmark", "time_to_hold")
         mlflow.log_params({"variants": ",".join(o.name for _, o in results), "epochs": args.epochs or "",
-                           "train_limit": args.train_limit, "torch_threads": torch.get_num_threads()})
+                           "train_limit": args.train_limit, "torch_threads": results[0][0].threads})
         mlflow.log_text(text, "time_to_hold.txt")
         for cfg, o in results:
             with tracked_run(run_name=f"benchmark-{o.name}", nested=True):
@@ -216,6 +218,14 @@ def log(results, text: str, args) -> None:
         print(f"logged to MLflow run {parent.info.run_id} ({mlflow.get_tracking_uri()})")
 
 
+def threads_setting(value: str) -> int | str:
+    if value.strip() in ("", T.AUTO):  # `mlflow run` passes unset parameters as ""
+        return T.AUTO
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive count or auto")
+    return int(value)
+
+
 def optional_int(value: str) -> int | None:
     return int(value) if value.strip() else None  # `mlflow run` passes unset parameters as ""
 
@@ -229,18 +239,21 @@ def main(argv=None) -> list[tuple[C.RunConfig, Outcome]]:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--train-limit", type=optional_int, default=None, help="default: all 60,000 images")
     p.add_argument("--test-limit", type=optional_int, default=None, help="default: all 10,000 images")
+    p.add_argument("--threads", type=threads_setting, default="auto",
+                   help="torch threads for every variant: a count, or auto (default)")
     p.add_argument("--no-track", action="store_true", help="print only, log nothing to MLflow")
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
         p.error(f"--variants {args.variants!r}: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    # one thread count for every variant, decided once (auto: the cores free now), so they compare
     forced = {"seed": args.seed, "device": "cpu", "data.train_limit": args.train_limit,
-              "data.test_limit": args.test_limit}
+              "data.test_limit": args.test_limit, "threads": T.resolve(args.threads)}
     if args.epochs is not None:
         forced["optim.epochs"] = args.epochs
     base = C.load(STAGE3)
-    print(f"torch threads {torch.get_num_threads()}, seed {args.seed}, stop at a {base.target.hold}-epoch "
+    print(f"torch threads {forced['threads']}, seed {args.seed}, stop at a {base.target.hold}-epoch "
           f"hold of >= {base.target.accuracy} %")
     results = [measure(name, base, forced) for name in names]
     text = table(results, base.data.train_limit or 60000)

@@ -12,7 +12,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -87,6 +87,7 @@ class RunConfig:
     stage: str = "stage3"
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda
+    threads: Union[int, Literal["auto"]] = "auto"  # torch CPU threads; auto: see mnist_mlflow.threads
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of training forward passes
     study_data: bool = False  # stage 1: log the data study (statistics, figures, RF study)
     data: DataConfig = DataConfig()
@@ -110,6 +111,8 @@ def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
 def validate(c: RunConfig) -> None:
     d, m, a, o, s, t = c.data, c.model, c.augment, c.optim, c.schedule, c.target
     _check(c.device in ("auto", "cpu", "cuda"), "device", c.device, "auto, cpu or cuda")
+    _check(c.threads == "auto" or (isinstance(c.threads, int) and c.threads > 0), "threads", c.threads,
+           "a positive integer or auto")
     for name in ("train_limit", "test_limit"):
         v = getattr(d, name)
         _check(v is None or v > 0, f"data.{name}", v, "a positive integer or null")
@@ -153,8 +156,13 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(path, value, inner)
+        allowed = []
+        for option in (a for a in args if a is not type(None)):  # the first that accepts it
+            try:
+                return _coerce(path, value, option)
+            except ConfigError as exc:
+                allowed.append(str(exc).split("is not allowed: ", 1)[-1])
+        _check(False, path, value, " or ".join(allowed))
     if origin is Literal:
         choices = typing.get_args(annotation)
         _check(value in choices, path, value, "one of " + ", ".join(map(str, choices)))

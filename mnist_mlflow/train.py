@@ -24,6 +24,7 @@ from .config import RunConfig
 from .data import Splits
 from .explore import pixel_stats
 from .models import build_model
+from .threads import apply as apply_threads, resolve as resolve_threads
 
 EVAL_BATCH = 256  # 2,000 ran 3x slower on the CPU: its activations outgrow the cache
 
@@ -49,6 +50,7 @@ class TrainResult:
     model: nn.Module
     history: list[EpochMetrics] = field(default_factory=list)
     device: str = "cpu"
+    threads: int = 1  # torch CPU threads it trained with
 
 
 class Diverged(RuntimeError):
@@ -230,7 +232,11 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
     An `on_epoch_end` that returns True ends training after that epoch (the schedule is unchanged).
     A `stop_requested` that returns True (checked before every batch) raises KeyboardInterrupt:
     interrupts land between batches, never inside the callbacks.
+    `cfg.threads` "auto" is resolved here; a caller that must record or reuse the number
+    (a tracked run, a resume) resolves it first and passes the int.
     """
+    n_threads = resolve_threads(cfg.threads)
+    apply_threads(n_threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -245,7 +251,7 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
     sched, per_batch = make_scheduler(opt, cfg, steps)
     ema = make_ema(model, cfg.optim.ema_decay)
     evaluated = ema.module if ema is not None else model  # what is evaluated and returned
-    result = TrainResult(model=evaluated, device=str(device))
+    result = TrainResult(model=evaluated, device=str(device), threads=n_threads)
     first = 1
     if resume_from is not None:
         result.history = restore_checkpoint(resume_from, model, opt, sched, gen, ema)

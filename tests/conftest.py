@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import mlflow
+# Before MLflow is imported: its telemetry thread, failing to reach its server from here, unsets
+# an environment variable while other threads' HTTP requests iterate os.environ (KeyError, seen
+# in tests against a tracking server); tests send no telemetry anyway. Subprocesses inherit it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
 import pytest
 
 from mnist_mlflow import config as C
@@ -22,9 +28,12 @@ def mnist() -> Mnist:
 @pytest.fixture
 def tiny_config() -> C.RunConfig:
     """Stage 3's settings on a sliver of data: seconds, not minutes."""
+    # one thread: tests that compare two trainings need the same count (bf16), and "auto"
+    # would sample the machine's load for each (tests/mnist_mlflow/test_threads.py covers it)
     return C.load(ROOT / "experiments/stage3.yaml", {"optim.epochs": 2, "data.train_limit": 2000,
-                                              "data.test_limit": 500, "device": "cpu",
-                                                     "optim.batch_size": 32})  # 63 steps an epoch
+                                                     "data.test_limit": 500, "device": "cpu",
+                                                     "optim.batch_size": 32,  # 63 steps an epoch
+                                                     "threads": 1})
 
 
 @pytest.fixture

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import hashlib
 import math
 import re
 import sys
-import tempfile
+import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 import mlflow
@@ -256,27 +253,15 @@ def verify_accuracy(cand: Candidate, mnist: Optional[Mnist]) -> float:
 
 # ---------------------------------------------------------------- registering
 
-def lock_path(tracking_uri: str) -> Path:
-    """Next to a SQLite file (every user of that store sees it), else keyed by the URI."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):].split("?")[0]).resolve()
-        return db.with_name(db.name + ".promote.lock")
-    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"mnist-mlflow-promote-{digest}.lock"
-
-
-@contextlib.contextmanager
-def promotion_lock(tracking_uri: str) -> Iterator[Path]:
-    """Serializes check-then-register across processes on this machine."""
-    path = lock_path(tracking_uri)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-        yield path
+def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
+    """The run's versions under `name`, lowest number first."""
+    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def find_version(client: MlflowClient, name: str, run_id: str) -> Optional[ModelVersion]:
-    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
-    return min(found, key=lambda v: int(v.version)) if found else None
+    found = versions_of_run(client, name, run_id)
+    return found[0] if found else None
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -289,24 +274,49 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def register(client: MlflowClient, name: str, cand: Candidate, alias: str) -> ModelVersion:
-    """Creates, tags and aliases one version; a failure after creation deletes it again."""
+def idempotent(call, *args, attempts: int = 4):
+    """A registry write that another promoter may make at the same moment (the same alias or
+    tag): the two inserts race in the server's database and the loser gets an error although
+    the row now exists. Writing it again updates it. A refused value is not retried."""
+    for attempt in range(attempts):
+        try:
+            return call(*args)
+        except MlflowException as exc:
+            if exc.error_code == "INVALID_PARAMETER_VALUE" or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def register(client: MlflowClient, name: str, cand: Candidate, alias: str) -> tuple[ModelVersion, bool]:
+    """Registers the run once, whoever else promotes it at the same moment, from any machine.
+
+    The registry has no compare-and-set and numbers versions max + 1, so two promoters can
+    both create a version. Each one therefore creates its version, then lists the run's
+    versions and keeps the lowest, deleting its own if that is not the lowest: every promoter
+    converges on the same version, and each sets the same tags and alias on it. Returns
+    (the kept version, whether it is this call's). A failure before the alias is set deletes
+    this call's version again.
+    """
     ensure_registered_model(client, name)
     model_id = cand.model_uri.removeprefix("models:/")
-    version = client.create_model_version(name, source=cand.model_uri, run_id=cand.run_id,
-                                          model_id=model_id)
+    mine = client.create_model_version(name, source=cand.model_uri, run_id=cand.run_id,
+                                       model_id=model_id)
     h = cand.hold
     tags = {"run_id": cand.run_id, "hold_epochs": h.hold_epochs,
             "best_test_accuracy": h.best_accuracy, "held_test_accuracy": h.held_accuracy,
             "num_params": cand.num_params}
     try:
+        kept = versions_of_run(client, name, cand.run_id)[0]  # ours is listed: never empty
+        if str(kept.version) != str(mine.version):
+            client.delete_model_version(name, mine.version)  # an earlier promoter won
         for key, value in tags.items():
-            client.set_model_version_tag(name, version.version, key, str(value))
-        client.set_registered_model_alias(name, alias, version.version)
+            idempotent(client.set_model_version_tag, name, kept.version, key, str(value))
+        idempotent(client.set_registered_model_alias, name, alias, kept.version)
     except BaseException:
-        client.delete_model_version(name, version.version)  # never leave a half-registered one
+        with contextlib.suppress(MlflowException):  # already gone if we lost the race
+            client.delete_model_version(name, mine.version)  # never leave a half-registered one
         raise
-    return version
+    return kept, str(kept.version) == str(mine.version)
 
 
 def result_of(name: str, cand: Candidate, version: Optional[str | int], created: bool, dry_run: bool,
@@ -340,13 +350,12 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: float = 99.4, hold: in
     verified = None if existing else verify_accuracy(cand, mnist)
     if dry_run:
         return result_of(model_name, cand, existing and existing.version, False, True, verified)
-    with promotion_lock(mlflow.get_tracking_uri()):
-        existing = find_version(client, model_name, cand.run_id)  # another process may have won
-        if existing:
-            client.set_registered_model_alias(model_name, alias, existing.version)
-            return result_of(model_name, cand, existing.version, False, False, verified)
-        version = register(client, model_name, cand, alias)
-    return result_of(model_name, cand, version.version, True, False, verified)
+    existing = find_version(client, model_name, cand.run_id)  # another promoter may have won
+    if existing:
+        idempotent(client.set_registered_model_alias, model_name, alias, existing.version)
+        return result_of(model_name, cand, existing.version, False, False, verified)
+    version, created = register(client, model_name, cand, alias)
+    return result_of(model_name, cand, version.version, created, False, verified)
 
 
 # ---------------------------------------------------------------- CLI

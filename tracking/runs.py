@@ -25,15 +25,18 @@ from mlflow.models import infer_signature
 
 from mnist_mlflow import config as C
 from mnist_mlflow import evaluation, explore, figures
+from mnist_mlflow import threads as T
 from mnist_mlflow.data import Mnist, Splits, load_mnist, make_splits
 from mnist_mlflow.models import count_params, format_summary, layer_summary
 from mnist_mlflow.train import (EpochMetrics, TrainResult, fit, init_model, predict_logits,
                                 resolve_device)
-from tracking import hardware
+from tracking import hardware, liveness
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
 MODEL_NAME = "model"  # the logged model's name inside a run
 CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "last.pt"  # replaced after every epoch
+THREADS_PARAM = "threads_resolved"  # the torch threads a run trained with (its `threads` may say auto)
+ADDED_CONFIG_KEYS = {"threads": "auto"}  # config keys newer than some logged runs: their default
 
 
 class ResumeError(RuntimeError):
@@ -108,13 +111,19 @@ class DeferredInterrupt:
 
 @contextlib.contextmanager
 def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
-    """`mlflow.start_run` whose end status tells what happened: FINISHED, FAILED or KILLED."""
+    """`mlflow.start_run` whose end status tells what happened: FINISHED, FAILED or KILLED.
+
+    While it runs, the run records this process as its owner and a heartbeat
+    (tracking/liveness.py), so a run whose process died is found and closed by tracking.doctor.
+    """
     run = mlflow.start_run(**start_kwargs)
+    status, hb = "FINISHED", None
     try:
+        hb = liveness.Heartbeat(run.info.run_id).start()
         yield run
     except KeyboardInterrupt as exc:
         exc.run_id = run.info.run_id  # for the caller's "resume with" line
-        mlflow.end_run("KILLED")
+        status = "KILLED"
         raise
     except BaseException as exc:
         with contextlib.suppress(AttributeError):
@@ -124,10 +133,12 @@ def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
         if not isinstance(exc, optuna.TrialPruned):  # a pruned trial is no error (search closes it)
             with contextlib.suppress(Exception):  # the store may be what failed
                 mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])  # the UI says why
-        mlflow.end_run("FAILED")
+        status = "FAILED"
         raise
-    else:
-        mlflow.end_run("FINISHED")
+    finally:
+        if hb is not None:
+            hb.stop()  # no beat after the end
+        mlflow.end_run(status)
 
 
 def git_commit() -> str:
@@ -177,8 +188,9 @@ def log_datasets(mnist: Mnist, splits: Splits) -> None:
 
 
 def log_epoch(metrics: EpochMetrics) -> None:
-    """Per-epoch metrics, step = epoch number from 1."""
+    """Per-epoch metrics, step = epoch number from 1, and a heartbeat."""
     mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+    mlflow.set_tag(liveness.HEARTBEAT, f"{time.time():.3f}")
 
 
 def summarize(cfg: C.RunConfig, history: list[EpochMetrics]) -> evaluation.HoldSummary:
@@ -264,6 +276,7 @@ def config_of_run(run_id: str) -> C.RunConfig:
     """The config a run logged, rebuilt from its params (values come back as strings)."""
     params = mlflow.MlflowClient().get_run(run_id).data.params
     keys = C.flatten(C.RunConfig())
+    params = {**ADDED_CONFIG_KEYS, **params}
     values = {k: None if params[k] == "None" else yaml.safe_load(params[k]) for k in keys if k in params}
     if len(values) != len(keys):
         raise ResumeError(f"run {run_id} lacks config params {sorted(set(keys) - set(values))[:5]}: "
@@ -274,14 +287,28 @@ def config_of_run(run_id: str) -> C.RunConfig:
 
 
 def check_resumable(run_id: str) -> None:
-    """Cheap checks, no download: the run exists, is not FINISHED and has a checkpoint."""
+    """Cheap checks, no download: the run exists, is not FINISHED, is not still being trained
+    by a live process (tracking/liveness.py) and has a checkpoint."""
     client = mlflow.MlflowClient()
-    if client.get_run(run_id).info.status == "FINISHED":
+    run = client.get_run(run_id)
+    if run.info.status == "FINISHED":
         raise ResumeError(f"run {run_id} is FINISHED: nothing to resume")
+    if run.info.status == "RUNNING":
+        verdict = liveness.judge(run)
+        if verdict.alive:
+            raise ResumeError(f"run {run_id} is still running ({verdict.reason}): stop that "
+                              "process first (Ctrl-C keeps its checkpoint), then resume")
     if not any(a.path == f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
                for a in client.list_artifacts(run_id, CHECKPOINT_DIR)):
         raise ResumeError(f"run {run_id} has no {CHECKPOINT_DIR}/{CHECKPOINT_FILE} to resume from "
                           "(it stopped before its first epoch ended)")
+
+
+def resumed_threads(run_id: str) -> int:
+    """The torch threads the run trained with: bf16 results depend on them, so a resume reuses
+    them. Runs from before the setting trained with torch's default."""
+    raw = mlflow.MlflowClient().get_run(run_id).data.params.get(THREADS_PARAM)
+    return int(raw) if raw not in (None, "", "None") else T.TORCH_DEFAULT
 
 
 def load_checkpoint(run_id: str) -> dict:
@@ -315,12 +342,15 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
 
     With `checkpoints`, the training state is logged after every epoch; `resume_run_id`
     continues that (unfinished) run from its last checkpoint, in the same MLflow run.
+    `cfg.threads` is resolved once here and logged (a resume reuses the run's number).
     """
     state = load_checkpoint(resume_run_id) if resume_run_id else None
     mnist, splits = prepare(cfg, mnist)
     resolve_device(cfg.device)  # device=cuda without CUDA: no run is created
     model, mean, std = init_model(cfg, splits.train_x)  # BudgetError here: no run is created
-    params = {**C.flatten(cfg), "num_params": count_params(model), "data.digest": mnist.digest,
+    n_threads = resumed_threads(resume_run_id) if resume_run_id else T.resolve(cfg.threads)
+    params = {**C.flatten(cfg), THREADS_PARAM: n_threads, "num_params": count_params(model),
+              "data.digest": mnist.digest,
               "data.source": mnist.source, "data.mean": round(mean, 6), "data.std": round(std, 6),
               **{f"data.{k}_size": v for k, v in splits.sizes().items()},
               **versions(), "git_commit": git_commit(), **hardware.params()}
@@ -340,7 +370,8 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
                 log_data_study(splits, mean, std)
         with DeferredInterrupt().installed() as interrupt:
             try:
-                result = fit(cfg, splits, on_epoch_end=on_epoch, progress=progress, model=model,
+                result = fit(C.replace(cfg, {"threads": n_threads}), splits, on_epoch_end=on_epoch,
+                             progress=progress, model=model,
                              on_checkpoint=log_checkpoint if checkpoints or state else None,
                              resume_from=state, stop_requested=interrupt)
             except KeyboardInterrupt:

@@ -30,8 +30,9 @@ from mlflow.entities import Param as MlflowParam
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
+from mnist_mlflow import threads as T
 from mnist_mlflow.data import DataError, Mnist, load_mnist
-from tracking import runs, search_report, search_shared, search_study
+from tracking import liveness, runs, search_report, search_shared, search_study
 from tracking.search_objective import Objective, TrialContext
 from tracking.search_space import SearchSpec, load_search, make_pruner, make_sampler
 from tracking.search_study import (HEARTBEAT_S, open_storage, open_study, redact,
@@ -75,7 +76,7 @@ class WorkerJob:
     parent_run_id: str
     experiment_id: str
     tracking_uri: str
-    threads: int
+    threads: Optional[int]  # what threads: auto means in a spawned worker (its share of the cores)
     quota: Optional[int] = None  # shared search: the study's finished trials to reach
     heartbeat: int = HEARTBEAT_S
 
@@ -113,10 +114,8 @@ def optimize(job: WorkerJob, mnist: Mnist | None = None) -> None:
 
 def worker_main(job: WorkerJob) -> None:
     """Entry point of a spawned worker process."""
-    import torch
-
     os.environ.pop("MLFLOW_RUN_ID", None)  # never adopt the parent run as our own
-    torch.set_num_threads(job.threads)  # K workers share the cores instead of fighting for them
+    T.pin_auto(job.threads)  # K workers share the free cores instead of fighting for them
     mlflow.set_tracking_uri(job.tracking_uri)
     mlflow.set_experiment(experiment_id=job.experiment_id)
     try:
@@ -229,6 +228,9 @@ def run_shared(opts: Options, spec: SearchSpec, plan: dict, mnist: Mnist | None)
     client.update_run(parent_id, status="RUNNING")  # it may have ended before this worker joined
     jobs = make_jobs(spec, plan, parent_id, experiment_id, len(study.get_trials(deepcopy=False)))
     status = "FINISHED"
+    # Every worker keeps the shared parent's heartbeat while it works: tracking.doctor closes
+    # the parent only when none is left (say the worker that would end it was SIGKILLed).
+    hb = liveness.Heartbeat(parent_id, shared=True).start()
     try:
         run_jobs(jobs, mnist)
     except KeyboardInterrupt:
@@ -238,6 +240,7 @@ def run_shared(opts: Options, spec: SearchSpec, plan: dict, mnist: Mnist | None)
         status = "FAILED"
         raise
     finally:
+        hb.stop()
         try:
             search_shared.end_parent(study, parent_id, status,
                                      lambda s: search_report.log_summary(s, spec, parent_id))
@@ -270,17 +273,23 @@ def summarize_quietly(spec: SearchSpec, plan: dict, storage: optuna.storages.Bas
         print(f"warning: could not log the search summary: {exc!r}", file=sys.stderr)
 
 
+def worker_threads(setting: T.Threads, workers: int) -> int:
+    """Threads of each of K local workers: an explicit count as given; auto: the cores free
+    now (sampled once, before the workers start), split between them."""
+    return int(setting) if setting != T.AUTO else max(1, T.resolve(T.AUTO) // workers)
+
+
 def make_jobs(spec: SearchSpec, plan: dict, parent_run_id: str, experiment_id: str,
               n_existing: int) -> list[WorkerJob]:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     k, quota = plan["workers"], plan["study_trials"]
+    # one worker trains in this process: each trial resolves its own threads
+    threads = worker_threads(spec.base.threads, k) if k > 1 else None
     per_worker = [None] * k if quota is not None else shares(plan["n_trials"], k)
     # Workers on other machines share seed and history: this machine and process tell them apart.
     salt = zlib.crc32(search_shared.worker_name().encode()) if quota is not None else 0
     return [WorkerJob(spec, plan["storage"], plan["study_name"], n, plan["timeout"],
                       sampler_seed(plan["seed"], n_existing, i, salt), parent_run_id,
-                      experiment_id, mlflow.get_tracking_uri(), max(1, (cores or 1) // k),
-                      quota, plan["heartbeat"])
+                      experiment_id, mlflow.get_tracking_uri(), threads, quota, plan["heartbeat"])
             for i, n in enumerate(per_worker) if n is None or n > 0]
 
 

@@ -36,8 +36,9 @@ def test_the_stage3_variant_is_the_stage3_run_of_its_seed(tracking_uri, mnist):
     from tracking.runs import run_training
 
     args = {"seed": 1, "device": "cpu", "data.train_limit": 512, "data.test_limit": 200, "optim.epochs": 2}
-    [(_, bench)] = time_to_hold.main(["--variants", "stage3", "--epochs", "2", "--train-limit", "512",
-                                      "--test-limit", "200", "--no-track"])
+    [(cfg, bench)] = time_to_hold.main(["--variants", "stage3", "--epochs", "2", "--train-limit", "512",
+                                        "--test-limit", "200", "--no-track"])
+    args["threads"] = cfg.threads  # auto, resolved once by the benchmark
     stage = run_training(C.replace(C.load(time_to_hold.STAGE3), args), mnist=mnist,
                          log_model_artifact=False, progress=False)
     assert bench.accuracies == [m.test_accuracy for m in stage.result.history]

@@ -32,18 +32,18 @@ def only_run(status: str) -> str:
 
 
 def test_interrupted_run_resumes_in_the_same_run_to_the_uninterrupted_result(tracking_uri, capsys):
+    # threads: auto, as users run it; the resume must reuse the count the run resolved, and an
+    # uninterrupted run with that count (given explicitly) is the reference
     config = str(ROOT / "experiments/stage3.yaml")
-    assert stage.main([config, *ARGS]) == 0
-    reference = only_run("FINISHED")
-
+    mlflow.set_experiment("resume")  # the store exists before another process opens it
     proc = subprocess.Popen([sys.executable, "-m", "tracking.stage", config, *ARGS], cwd=os.getcwd(),
                             env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # wait for the new run's first checkpoint (logged after that epoch's metrics), then press
+    # wait for the run's first checkpoint (logged after that epoch's metrics), then press
     # Ctrl-C; the file system is watched, not the store: a query can outlast the remaining epochs
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if [p for p in Path.cwd().glob("mlruns/*/*/artifacts/checkpoint/last.pt") if reference not in str(p)]:
+        if list(Path.cwd().glob("mlruns/*/*/artifacts/checkpoint/last.pt")):
             break
         time.sleep(0.02)
     # no waiting for the copy to finish: the run defers the signal to its next batch
@@ -52,10 +52,15 @@ def test_interrupted_run_resumes_in_the_same_run_to_the_uninterrupted_result(tra
     proc.communicate(timeout=120)
     interrupted = only_run("KILLED")
     assert len(history(interrupted)) < EPOCHS  # stopped before the end
+    params = MlflowClient().get_run(interrupted).data.params
+    assert params["threads"] == "auto" and int(params["threads_resolved"]) >= 1
 
     assert stage.main(["--resume", interrupted, "--no-progress"]) == 0
     run = MlflowClient().get_run(interrupted)
     assert run.info.status == "FINISHED"
+    assert stage.main([config, *ARGS, "--set", f"threads={params['threads_resolved']}"]) == 0
+    reference = next(r.info.run_id for r in MlflowClient().search_runs(
+        [run.info.experiment_id], "attributes.status = 'FINISHED'") if r.info.run_id != interrupted)
     for key in ("test_accuracy", "train_loss", "lr"):
         assert history(interrupted, key) == history(reference, key)
     assert run.data.metrics["best_test_accuracy"] == MlflowClient().get_run(reference).data.metrics["best_test_accuracy"]
