@@ -20,9 +20,12 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_ENV = "MNIST_MLFLOW_REQUIRE_SERVICES"
@@ -173,7 +176,7 @@ def tracking_server(backend_uri: str, folder: Path) -> Iterator[str]:
         stop(proc)
 
 
-# ---------------------------------------------------------------- Chromium
+# ---------------------------------------------------------------- Chromium, through Playwright
 
 def chromium_binary() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -181,3 +184,26 @@ def chromium_binary() -> str:
         if path:
             return path
     missing("Chromium not found (Debian: apt-get install chromium)")
+
+
+@contextlib.contextmanager
+def chromium_page() -> Iterator[Page]:
+    """A headless page of this machine's Chromium, driven by Playwright (the `test` extra).
+
+    `executable_path`: Playwright never downloads a browser of its own here.
+    """
+    executable = chromium_binary()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("Playwright is not installed (pip install -e '.[test]')")
+    with sync_playwright() as pw:
+        # no sandbox: Chromium refuses to start one as root, and the pages are our own local servers
+        browser = pw.chromium.launch(executable_path=executable, chromium_sandbox=False,
+                                     args=["--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(60_000)  # ms; a React app on a busy 2-core machine
+            yield page
+        finally:
+            browser.close()
