@@ -99,6 +99,8 @@ def postgres_bindir() -> Path | None:
 def postgres_server() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on a free loopback port; yields its base URL.
 
+    By hand rather than the pytest-postgresql plugin: one fixture, and the root case below.
+
     initdb refuses to run as root, so as root the cluster belongs to the `postgres` user
     (created by Debian's package). Trust authentication, loopback only; fsync off: test data.
     """
