@@ -209,3 +209,21 @@ def chromium_page() -> Iterator[Page]:
             yield page
         finally:
             browser.close()
+
+
+def page_shows(page: Page, *needles: str) -> str:
+    """The page's rendered text once every needle is in it (Playwright retries for up to a minute)."""
+    from playwright.sync_api import expect
+
+    body = page.locator("body")
+    for needle in needles:
+        expect(body).to_contain_text(needle, timeout=60_000)  # ms, as the page's default above
+    return body.inner_text()
+
+
+def screenshot_folder() -> Path:
+    """$MNIST_MLFLOW_SCREENSHOTS, else <tmp>/mnist-mlflow-screenshots."""
+    folder = Path(os.environ.get("MNIST_MLFLOW_SCREENSHOTS")
+                  or Path(tempfile.gettempdir()) / "mnist-mlflow-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import chromium_page, free_port, missing, stop, wait_until
+from tests.services import (chromium_page, free_port, missing, page_shows, screenshot_folder, stop,
+                            wait_until)
 from tests.tracking.test_search import ROTATION, write_search
-from tests.tracking.test_ui import page_shows, screenshot_folder
 from tracking import dashboard, search
 
 

@@ -8,9 +8,7 @@ Marked `browser` and `slow`; skipped without Chromium or Playwright, except unde
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -18,7 +16,8 @@ import pytest
 from mlflow import MlflowClient
 
 from mnist_mlflow import config as C
-from tests.services import ROOT, chromium_binary, chromium_page, tracking_server
+from tests.services import (ROOT, chromium_binary, chromium_page, page_shows, screenshot_folder,
+                            tracking_server)
 from tests.tracking.test_search import ROTATION, options, write_search
 from tracking import consistency, promote, runs, search
 
@@ -33,16 +32,6 @@ RUN_NAME_CELLS = ("[...document.querySelectorAll('[id^=\"cell-attributes.`Run Na
                   ".map(([r, c]) => [c.innerText.split('\\n').pop().trim(), !!c.querySelector('button')])")
 
 
-def page_shows(page, *needles: str) -> str:
-    """The page's rendered text once every needle is in it (Playwright retries until its timeout)."""
-    from playwright.sync_api import expect
-
-    body = page.locator("body")
-    for needle in needles:
-        expect(body).to_contain_text(needle)
-    return body.inner_text()
-
-
 def toggle_columns(page, *names: str) -> None:
     """Columns -> tick or untick each name -> close the menu, with real mouse clicks."""
     page.get_by_role("button", name="Columns", exact=True).click()
@@ -54,13 +43,6 @@ def toggle_columns(page, *names: str) -> None:
 def png_size(path: Path) -> tuple[int, int]:
     """Width and height from a PNG's IHDR chunk."""
     return struct.unpack(">II", path.read_bytes()[16:24])
-
-
-def screenshot_folder() -> Path:
-    folder = Path(os.environ.get("MNIST_MLFLOW_SCREENSHOTS")
-                  or Path(tempfile.gettempdir()) / "mnist-mlflow-screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def small_config(epochs: int) -> C.RunConfig:
