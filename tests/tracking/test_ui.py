@@ -51,7 +51,8 @@ def small_config(epochs: int) -> C.RunConfig:
                                                      "optim.batch_size": 32})
 
 
-def test_the_ui_lists_runs_nests_the_search_and_shows_the_champion(tmp_path, monkeypatch, mnist):
+def test_the_ui_lists_runs_nests_the_search_shows_the_champion_and_the_seeds_figure(
+        tmp_path, monkeypatch, mnist):
     chromium_binary()  # skip (or fail in CI) before any work when there is no browser
     shots = screenshot_folder()
     with tracking_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as url:
