@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
+# By hand rather than pydantic (installed with MLflow): errors name the dotted path and the allowed
+# values, as every CLI and MLproject override reports them; pydantic is no direct dependency.
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or out of range."""
 

@@ -133,6 +133,8 @@ def read_wheel(wheel: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- IDX files
 
 def _read_idx(path: Path, ndim_expected: int) -> np.ndarray:
+    # by hand: torchvision's reader (datasets.mnist.read_sn3_pascalvincent_tensor) is undocumented,
+    # asserts instead of naming the fault, and reads no .gz
     data = path.read_bytes()
     if path.suffix == ".gz":
         try:
@@ -188,7 +190,11 @@ def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Temp file + rename: a reader never sees a half-written cache."""
+    """Temp file + rename: a reader never sees a half-written cache.
+
+    No lock (filelock): two processes building it at once each write a whole file and the last
+    rename wins; a lock would only spare the second one its download.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -252,7 +258,11 @@ def load_mnist(data_dir: str | Path | None = None, cache: Path | None = None,
         raise DataError(f"no MNIST cache at {cache_path} and downloads are disabled")
     _check_arrays(arrays, source)
     _check_standard(arrays_sha256(arrays), source)
-    _write_cache(cache_path, arrays)
+    try:
+        _write_cache(cache_path, arrays)
+    except OSError as exc:  # a read-only home: this run has the data, the next one fetches it again
+        print(f"mnist-mlflow: could not cache MNIST ({exc}); MNIST_MLFLOW_CACHE names a writable "
+              "folder", file=sys.stderr)
     return Mnist(**arrays, source=source)
 
 

@@ -20,9 +20,12 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_ENV = "MNIST_MLFLOW_REQUIRE_SERVICES"
@@ -95,6 +98,8 @@ def postgres_bindir() -> Path | None:
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on a free loopback port; yields its base URL.
+
+    By hand rather than the pytest-postgresql plugin: one fixture, and the root case below.
 
     initdb refuses to run as root, so as root the cluster belongs to the `postgres` user
     (created by Debian's package). Trust authentication, loopback only; fsync off: test data.
@@ -173,7 +178,7 @@ def tracking_server(backend_uri: str, folder: Path) -> Iterator[str]:
         stop(proc)
 
 
-# ---------------------------------------------------------------- Chromium
+# ---------------------------------------------------------------- Chromium, through Playwright
 
 def chromium_binary() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -181,3 +186,44 @@ def chromium_binary() -> str:
         if path:
             return path
     missing("Chromium not found (Debian: apt-get install chromium)")
+
+
+@contextlib.contextmanager
+def chromium_page() -> Iterator[Page]:
+    """A headless page of this machine's Chromium, driven by Playwright (the `test` extra).
+
+    `executable_path`: Playwright never downloads a browser of its own here.
+    """
+    executable = chromium_binary()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("Playwright is not installed (pip install -e '.[test]')")
+    with sync_playwright() as pw:
+        # no sandbox: Chromium refuses to start one as root, and the pages are our own local servers
+        browser = pw.chromium.launch(executable_path=executable, chromium_sandbox=False,
+                                     args=["--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(60_000)  # ms; a React app on a busy 2-core machine
+            yield page
+        finally:
+            browser.close()
+
+
+def page_shows(page: Page, *needles: str) -> str:
+    """The page's rendered text once every needle is in it (Playwright retries for up to a minute)."""
+    from playwright.sync_api import expect
+
+    body = page.locator("body")
+    for needle in needles:
+        expect(body).to_contain_text(needle, timeout=60_000)  # ms, as the page's default above
+    return body.inner_text()
+
+
+def screenshot_folder() -> Path:
+    """$MNIST_MLFLOW_SCREENSHOTS, else <tmp>/mnist-mlflow-screenshots."""
+    folder = Path(os.environ.get("MNIST_MLFLOW_SCREENSHOTS")
+                  or Path(tempfile.gettempdir()) / "mnist-mlflow-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

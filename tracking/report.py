@@ -49,6 +49,7 @@ def rows(experiment: str, stage: str | None = None) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
+    # by hand: pandas' DataFrame.to_markdown needs `tabulate`, not a dependency, for these 4 lines
     if not table:
         return "(no finished runs)"
     head = list(table[0])

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mnist_mlflow import config as C
 from mnist_mlflow import threads as T
 from mnist_mlflow.data import DataError, Mnist, load_mnist
-from tracking import liveness, runs, search_report, search_shared, search_study
+from tracking import dashboard, liveness, runs, search_report, search_shared, search_study
 from tracking.search_objective import Objective, TrialContext
 from tracking.search_space import SearchSpec, load_search, make_pruner, make_sampler
 from tracking.search_study import (HEARTBEAT_S, open_storage, open_study, redact,
@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: run the same command again to resume the study", file=sys.stderr)
         return 130
     print_result(result)
+    print(dashboard.hint(resolve(opts)[1]["storage"]))  # the study's own view
     return 0
 
 

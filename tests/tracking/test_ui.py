@@ -1,14 +1,14 @@
-"""The MLflow UI as a user sees it, in headless Chromium: runs, a search's nesting, the champion.
+"""The MLflow UI as a user sees it, in headless Chromium driven by Playwright: runs, a search's
+nesting, the champion, a consistency study's seeds figure.
 
-Marked `browser` and `slow`; skipped without Chromium, except under `.ci/run`
+Marked `browser` and `slow`; skipped without Chromium or Playwright, except under `.ci/run`
 (MNIST_MLFLOW_REQUIRE_SERVICES=1). Screenshots go to $MNIST_MLFLOW_SCREENSHOTS
 (default <tmp>/mnist-mlflow-screenshots) and their folder is printed.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import struct
 from pathlib import Path
 
 import mlflow
@@ -16,44 +16,33 @@ import pytest
 from mlflow import MlflowClient
 
 from mnist_mlflow import config as C
-from tests.browser import Browser
-from tests.services import ROOT, chromium_binary, tracking_server
+from tests.services import (ROOT, chromium_binary, chromium_page, page_shows, screenshot_folder,
+                            tracking_server)
 from tests.tracking.test_search import ROTATION, options, write_search
-from tracking import promote, runs, search
+from tracking import consistency, promote, runs, search
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 MODE = "workflowType=machine_learning"  # the UI's "Model training" view, not GenAI
 
-
-def leaf(text: str) -> str:
-    """JS: the innermost element whose whole text is `text` (the last one, if several)."""
-    return ("[...document.querySelectorAll('*')].filter(e => e.children.length == 0 && "
-            f"e.textContent.trim() == '{text}').pop()")
-
-
-def run_name_cells() -> str:
-    """JS: the run-name cells of the runs table, top to bottom, as [name, has expander]."""
-    return ("[...document.querySelectorAll('[id^=\"cell-attributes.`Run Name`\"]')]"
-            ".map(c => [c.closest('[role=row]'), c])"
-            ".sort((a, b) => +a[0].getAttribute('aria-rowindex') - +b[0].getAttribute('aria-rowindex'))"
-            ".map(([r, c]) => [c.innerText.split('\\n').pop().trim(), !!c.querySelector('button')])")
+# JS: the run-name cells of the runs table, top to bottom, as [name, has expander]
+RUN_NAME_CELLS = ("[...document.querySelectorAll('[id^=\"cell-attributes.`Run Name`\"]')]"
+                  ".map(c => [c.closest('[role=row]'), c])"
+                  ".sort((a, b) => +a[0].getAttribute('aria-rowindex') - +b[0].getAttribute('aria-rowindex'))"
+                  ".map(([r, c]) => [c.innerText.split('\\n').pop().trim(), !!c.querySelector('button')])")
 
 
-def toggle_columns(browser: Browser, *names: str) -> None:
+def toggle_columns(page, *names: str) -> None:
     """Columns -> tick or untick each name -> close the menu, with real mouse clicks."""
-    browser.click("[...document.querySelectorAll('button')].find(e => e.innerText.trim() == 'Columns')")
-    browser.wait_for_text(*names)
+    page.get_by_role("button", name="Columns", exact=True).click()
     for name in names:
-        browser.click(leaf(name))  # the menu is the page's last element holding the name
-    browser.press("Escape", 27)
+        page.get_by_text(name, exact=True).last.click()  # the menu is the page's last element holding it
+    page.keyboard.press("Escape")
 
 
-def screenshot_folder() -> Path:
-    folder = Path(os.environ.get("MNIST_MLFLOW_SCREENSHOTS")
-                  or Path(tempfile.gettempdir()) / "mnist-mlflow-screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk."""
+    return struct.unpack(">II", path.read_bytes()[16:24])
 
 
 def small_config(epochs: int) -> C.RunConfig:
@@ -62,7 +51,8 @@ def small_config(epochs: int) -> C.RunConfig:
                                                      "optim.batch_size": 32})
 
 
-def test_the_ui_lists_runs_nests_the_search_and_shows_the_champion(tmp_path, monkeypatch, mnist):
+def test_the_ui_lists_runs_nests_the_search_shows_the_champion_and_the_seeds_figure(
+        tmp_path, monkeypatch, mnist):
     chromium_binary()  # skip (or fail in CI) before any work when there is no browser
     shots = screenshot_folder()
     with tracking_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as url:
@@ -81,43 +71,60 @@ def test_the_ui_lists_runs_nests_the_search_and_shows_the_champion(tmp_path, mon
             promoted = promote.promote(target=min(history), hold=2, experiment="stages", mnist=mnist)
             found = search.run_search(options(tmp_path, write_search(tmp_path, ROTATION), n_trials=3,
                                               experiment="search"), mnist=mnist)
+            assert consistency.main([str(ROOT / "experiments/stage3.yaml"), "--seeds", "2",
+                                     "--epochs", "1", "--train-limit", "500", "--test-limit", "300",
+                                     "--set", "optim.batch_size=32 device=cpu",
+                                     "--experiment", "consistency"]) == 0
             client = MlflowClient()
             accuracy = {r.run_id: client.get_run(r.run_id).data.metrics["test_accuracy"]
                         for r in (first, second)}
             search_exp = client.get_run(found.parent_run_id).info.experiment_id
             parent_name = client.get_run(found.parent_run_id).info.run_name
+            seeds_exp = client.get_experiment_by_name("consistency").experiment_id
+            (seeds_parent,) = client.search_runs([seeds_exp], "tags.stage = 'stage3-consistency'")
+            seeds_png = Path(client.download_artifacts(seeds_parent.info.run_id, "figures/seeds.png",
+                                                       str(tmp_path)))
         finally:
             mlflow.set_tracking_uri(None)
 
-        browser = Browser(tmp_path / "chromium.log")
-        try:
+        with chromium_page() as page:
             # Two stage runs, each with its test_accuracy (the value the server stores)
-            browser.goto(f"{url}/#/experiments/{stages}/runs?{MODE}")
-            browser.wait_for_text("stage3-short", "stage3-long", "Columns")
-            browser.click("document.querySelector('button[aria-label=Close]')")  # the AI assistant panel
-            toggle_columns(browser, "test_accuracy", "Dataset")  # show one, hide the other
-            text = browser.wait_for_text("test_accuracy", *(str(v) for v in accuracy.values()))
+            page.goto(f"{url}/#/experiments/{stages}/runs?{MODE}")
+            page_shows(page, "stage3-short", "stage3-long", "Columns")
+            page.locator("button[aria-label=Close]").first.click()  # the AI assistant panel
+            toggle_columns(page, "test_accuracy", "Dataset")  # show one, hide the other
+            text = page_shows(page, "test_accuracy", *(str(v) for v in accuracy.values()))
             assert "2 matching runs" in text
-            browser.screenshot(shots / "1-stage-runs.png")
+            page.screenshot(path=shots / "1-stage-runs.png")
 
             # The search: one parent; its trials appear only when it is expanded, right under it
-            browser.goto(f"{url}/#/experiments/{search_exp}/runs?{MODE}")
-            browser.wait_for_text(parent_name, "4 matching runs")
-            assert browser.evaluate(run_name_cells()) == [[parent_name, True]]
-            browser.click(f"{leaf(parent_name)}.closest('[role=gridcell]').querySelector('button')")
-            browser.wait_for_text("trial-0", "trial-1", "trial-2")
-            rows = browser.evaluate(run_name_cells())
+            page.goto(f"{url}/#/experiments/{search_exp}/runs?{MODE}")
+            page_shows(page, parent_name, "4 matching runs")
+            assert page.evaluate(RUN_NAME_CELLS) == [[parent_name, True]]
+            parent_cell = page.get_by_text(parent_name, exact=True).last.locator(
+                "xpath=ancestor::*[@role='gridcell'][1]")
+            parent_cell.get_by_role("button").click()
+            page_shows(page, "trial-0", "trial-1", "trial-2")
+            rows = page.evaluate(RUN_NAME_CELLS)
             assert rows[0] == [parent_name, True]
             assert sorted(rows[1:]) == [["trial-0", False], ["trial-1", False], ["trial-2", False]]
-            toggle_columns(browser, "test_accuracy", "Dataset")
-            browser.wait_for_text("test_accuracy")
-            browser.screenshot(shots / "2-search-nested.png")
+            toggle_columns(page, "test_accuracy", "Dataset")
+            page_shows(page, "test_accuracy")
+            page.screenshot(path=shots / "2-search-nested.png")
 
             # The registered model's page: version 1 carries the champion alias
-            browser.goto(f"{url}/#/models/{promoted.model_name}?{MODE}")
-            text = browser.wait_for_text(promoted.model_name, "Version 1", "champion")
-            browser.screenshot(shots / "3-registered-model.png")
-        finally:
-            browser.close()
+            page.goto(f"{url}/#/models/{promoted.model_name}?{MODE}")
+            page_shows(page, promoted.model_name, "Version 1", "champion")
+            page.screenshot(path=shots / "3-registered-model.png")
+
+            # The consistency parent's artifact view shows its seeds figure, decoded at full size
+            page.goto(f"{url}/#/experiments/{seeds_exp}/runs/{seeds_parent.info.run_id}"
+                      f"/artifacts/figures/seeds.png")
+            figure = page.locator("img[alt='figures/seeds.png']")
+            figure.wait_for(state="visible")
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=figure.element_handle())
+            shown = figure.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            assert tuple(shown) == png_size(seeds_png)
+            page.screenshot(path=shots / "4-consistency-seeds.png")
     print(f"\nUI screenshots: {shots}")
     assert promoted.run_id == second.run_id and promoted.version == "1"
