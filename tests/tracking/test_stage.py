@@ -132,9 +132,10 @@ def test_a_silent_tracking_server_fails_within_seconds(monkeypatch, tmp_path, ca
 @pytest.mark.parametrize("uri, message", [
     ("sqlite:////sys/mlflow.db", "is not writable here"),  # a new store in a read-only folder
     ("sqlite:////proc/version", "is not writable here"),  # an existing file that cannot be written
-    ("sqlite:////nonexistent-folder/mlflow.db", "does not exist"),
+    ("sqlite:///{tmp}/missing-folder/mlflow.db", "does not exist"),  # never made by the test
 ])
 def test_an_unusable_sqlite_store_is_one_line_within_seconds(monkeypatch, tmp_path, capsys, uri, message):
+    uri = uri.format(tmp=tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
