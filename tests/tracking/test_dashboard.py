@@ -68,7 +68,7 @@ def test_the_printed_dashboard_command_shows_the_search_trials(tmp_path, trackin
                    60, "optuna-dashboard", proc, log)
         with chromium_page() as page:
             page.goto(f"{url}/dashboard")
-            page_shows(page, "dashboard-study", "Direction: MAXIMIZE")
+            page_shows(page, "dashboard-study", "Direction: MINIMIZE")  # the hold epoch: lower is better
             page.get_by_text("dashboard-study").first.click()
             page_shows(page, "dashboard-study (id=1)", "History", "Hyperparameter Importance",
                        "Best Trial")
