@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
+from tests.conftest import ROOT
+
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_ENV = "MNIST_MLFLOW_REQUIRE_SERVICES"
 
 

@@ -132,12 +132,11 @@ def test_report_lists_finished_runs(logged_run, capsys):
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(monkeypatch, tmp_path, capsys):
-    import socket
     import time
 
-    with socket.socket() as s:  # a loopback port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.services import free_port
+
+    port = free_port()  # a loopback port with nothing listening
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from mnist_mlflow import config as C
 from tests.conftest import ROOT
+from tests.services import free_port
 from tracking.promote import promote
 from tracking.runs import run_training
 
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"  # never anything but the loopback interface
 MODEL_URI = "models:/mnist-8k@champion"
 START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def wait_for_ping(proc: subprocess.Popen, url: str, log: Path) -> None:

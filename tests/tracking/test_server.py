@@ -1,6 +1,5 @@
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
+from tests.services import free_port
 from tracking import runs, server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bad_server_arguments_are_refused(capsys):
