@@ -6,7 +6,7 @@ variants alike. Prints the median and minimum ms per step (setup and the test pa
 that median times the steps of a 60,000-image epoch (to compare batch sizes), and each
 variant's speed per step relative to the first. Variants are overrides of experiments/stage3.yaml:
 
-    python -m benchmarks.step_time "sparse:" "words16:model.dropout_mask=words16"
+    python -m benchmarks.step_time "sparse:" "bernoulli:model.dropout_mask=bernoulli"
     python -m benchmarks.step_time "average:" "no average:optim.ema_decay=null"
     python -m benchmarks.step_time "bf16:" "fp32:precision=fp32"
     python -m benchmarks.step_time "pool first:" "pool after BN:model.pool_before_bn=false"

@@ -11,21 +11,21 @@ images' statistics, initial weights from the seed), so `stage3` trains exactly w
                  DataLoader
   baseline       the same DataLoader pipeline with the model of experiments/stage3.yaml
   tensors        the project's pipeline (uint8 tensors in memory, whole-batch rotation), old model
-  words16        + WordMaskDropout (four mask entries per random word)
+  sparse         + dropout masks that draw only the dropped positions (SparseMaskDropout)
   channels-last  + ChannelsLastConv2d and ChannelsLastMaxPool2d (oneDNN convolutions and pooling
                  channels-last), fp32, no weight average
   pool-first     + pooling before block 2's BatchNorm, ReLU and dropout (a quarter of their work)
-  stage3-words16 + bf16 forward passes, evaluation through the weights' moving average (the
-                 default before the sparse mask)
-  stage3         + dropout masks that draw only the dropped positions: experiments/stage3.yaml
-  lean           stage3 with LeanNet 9/17 (thin full-resolution block)
-  baseline-lean  the DataLoader pipeline with lean's model
+  stage3         + bf16 forward passes, evaluation through the weights' moving average:
+                 experiments/stage3.yaml
+
+Variants of retired options (LeanNet, the words16 and channel masks) are in git tag
+retired-variants.
 
 Prints a table (s/epoch, epochs to hold, time to hold, training MFLOP per image from
 torch.utils.flop_counter, achieved GFLOP/s) and logs one MLflow run with a child per variant.
 
     python -m benchmarks.time_to_hold                      # stage3,baseline
-    python -m benchmarks.time_to_hold --variants tensors,channels-last,pool-first,stage3-words16,stage3 --epochs 2
+    python -m benchmarks.time_to_hold --variants tensors,sparse,channels-last,pool-first,stage3 --epochs 2
 """
 
 from __future__ import annotations
@@ -57,20 +57,16 @@ BEFORE = {"model.arch": "tiny", "model.width1": 9, "model.width2": 16, "model.dr
           "model.channels_last_conv": False, "model.pool_before_bn": False, "precision": "fp32",
           "optim.epochs": 15, "optim.batch_size": 128, "optim.ema_decay": None,
           "schedule.max_lr": 0.01}
-LEAN = {"model.arch": "lean", "model.width1": 9, "model.width2": 17}
 VARIANTS = {  # name -> (pipeline, config overrides of experiments/stage3.yaml, description)
     "notebook": ("loader", BEFORE, "DataLoader + per-sample v2.RandomRotation, TinyNet, nn.Dropout"),
     "baseline": ("loader", {}, "DataLoader + per-sample v2.RandomRotation, the stage-3 model"),
     "tensors": ("tensors", BEFORE, "in-memory uint8 tensors + whole-batch rotation, TinyNet"),
-    "words16": ("tensors", {**BEFORE, "model.dropout_mask": "words16"}, "+ WordMaskDropout"),
-    "channels-last": ("tensors", {**BEFORE, "model.dropout_mask": "words16", "model.channels_last_conv": True},
+    "sparse": ("tensors", {**BEFORE, "model.dropout_mask": "sparse"}, "+ sparse dropout mask"),
+    "channels-last": ("tensors", {**BEFORE, "model.dropout_mask": "sparse", "model.channels_last_conv": True},
                       "+ channels-last convolutions and pooling"),
-    "pool-first": ("tensors", {**BEFORE, "model.dropout_mask": "words16", "model.channels_last_conv": True,
+    "pool-first": ("tensors", {**BEFORE, "model.dropout_mask": "sparse", "model.channels_last_conv": True,
                                "model.pool_before_bn": True}, "+ pooling before BN, ReLU, dropout"),
-    "stage3-words16": ("tensors", {"model.dropout_mask": "words16"}, "+ bf16, weight average"),
-    "stage3": ("tensors", {}, "+ sparse dropout mask: experiments/stage3.yaml"),
-    "lean": ("tensors", LEAN, "stage3 with LeanNet 9/17"),
-    "baseline-lean": ("loader", LEAN, "DataLoader + per-sample v2.RandomRotation, LeanNet 9/17, bf16"),
+    "stage3": ("tensors", {}, "+ bf16, weight average: experiments/stage3.yaml"),
 }
 DEFAULT_VARIANTS = "stage3,baseline"
 
@@ -186,7 +182,7 @@ def table(results: list[tuple[C.RunConfig, Outcome]], n_train: int) -> str:
                      f"{(f'{t:.0f} s' if t else '-'):>13} {o.train_gflop_per_image * 1e3:>10.2f} "
                      f"{gflops:>8.1f}  {VARIANTS[o.name][2]}")
     per_epoch = {o.name: sum(o.epoch_seconds) / len(o.epoch_seconds) for _, o in results}
-    refs = ("notebook", "baseline", "baseline-lean")
+    refs = ("notebook", "baseline")
     for ref in refs:
         others = [name for name in per_epoch if name not in refs]
         if ref in per_epoch and others:

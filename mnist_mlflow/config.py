@@ -34,7 +34,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["tiny", "lean", "barebone"] = "tiny"
+    arch: Literal["tiny", "barebone"] = "tiny"
     width1: int = 9  # channels of the full-resolution block (tiny: and of the 1x1 transition)
     width2: int = 16  # channels of the convolution that is pooled (tiny: and, unless set, of the later ones)
     width_transition: Optional[int] = None  # tiny: the 1x1 after the pooling; null: width1
@@ -42,8 +42,8 @@ class ModelConfig:
     width4: Optional[int] = None
     width5: Optional[int] = None  # also what the head's 1x1 reads
     dropout: float = 0.05
-    dropout_mask: Literal["bernoulli", "words16", "sparse", "channel"] = "bernoulli"  # see models.DROPOUTS
-    channels_last_conv: bool = False  # see models.ChannelsLastConv2d
+    dropout_mask: Literal["bernoulli", "sparse"] = "bernoulli"  # see layers.DROPOUTS
+    channels_last_conv: bool = False  # see layers.ChannelsLastConv2d
     pool_before_bn: bool = False  # block 2: conv -> maxpool -> BN -> ReLU -> dropout (models.conv_bn)
     max_params: Optional[int] = 8000  # hard budget, checked when the model is built
 
@@ -101,6 +101,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+
+
+# Values that configs once accepted, kept reproducible by a git tag rather than in the library
+RETIRED_TAG, RETIRED_COMMIT = "retired-variants", "2e95a01"
+RETIRED = {("model.arch", "lean"): "LeanNet", ("model.dropout_mask", "words16"): "WordMaskDropout",
+           ("model.dropout_mask", "channel"): "the channel mask, nn.Dropout2d"}
 
 
 # ---------------------------------------------------------------- validation
@@ -167,7 +173,11 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         _check(False, path, value, " or ".join(allowed))
     if origin is Literal:
         choices = typing.get_args(annotation)
-        _check(value in choices, path, value, "one of " + ", ".join(map(str, choices)))
+        allowed = "one of " + ", ".join(map(str, choices))
+        if (path, value) in RETIRED:
+            allowed += (f"; {value} ({RETIRED[path, value]}) was retired and is kept in git tag "
+                        f"{RETIRED_TAG} (commit {RETIRED_COMMIT})")
+        _check(value in choices, path, value, allowed)
         return value
     if annotation is bool:
         _check(isinstance(value, bool), path, value, "true or false")

@@ -1,4 +1,5 @@
-"""What a finished training run is judged by: the hold of the target, and its errors."""
+"""What a model and a finished training run are judged by: loss and accuracy on a set, the
+hold of the target, and its errors."""
 
 from __future__ import annotations
 
@@ -6,6 +7,28 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EVAL_BATCH = 256  # small enough that a batch's activations stay in the CPU's cache
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch].float()) for i in range(0, len(x), batch)])
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in percent)."""
+    logits = predict_logits(model, x)
+    loss = F.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item() * 100.0
+    return loss, acc
 
 
 @dataclass(frozen=True)

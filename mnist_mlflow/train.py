@@ -22,11 +22,10 @@ from tqdm.auto import tqdm
 from .augment import augment_batch
 from .config import RunConfig
 from .data import Splits
+from .evaluation import evaluate
 from .explore import pixel_stats
 from .models import build_model
 from .threads import apply as apply_threads, resolve as resolve_threads
-
-EVAL_BATCH = 256  # 2,000 ran 3x slower on the CPU: its activations outgrow the cache
 
 
 @dataclass(frozen=True)
@@ -204,28 +203,13 @@ def make_autocast(cfg: RunConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
-@torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model(x[i:i + batch].float()) for i in range(0, len(x), batch)])
-    model.train(was_training)
-    return out
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in percent)."""
-    logits = predict_logits(model, x)
-    loss = F.cross_entropy(logits, y).item()
-    acc = (logits.argmax(1) == y).float().mean().item() * 100.0
-    return loss, acc
-
-
 def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = None,
         progress: bool = True, model: nn.Module | None = None,
         on_checkpoint: CheckpointCallback | None = None, resume_from: dict | None = None,
         stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     """Trains `cfg`'s model on `splits.train`, evaluating on test (and val) after each epoch.
+
+    Without `model`, it is built as `init_model` builds a run's (the same model for the same seed).
 
     `on_checkpoint` gets the state after every epoch, after `on_epoch_end`; `resume_from`
     (such a state) continues from the epoch after it, to the same result as an uninterrupted run.
@@ -244,7 +228,9 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
     test_x, test_y = as_tensors(splits.test_x, splits.test_y, device)
     val = as_tensors(splits.val_x, splits.val_y, device) if splits.val_y is not None else None
 
-    model = (model or build_model(cfg.model)).to(device)
+    if model is None:  # as a tracked run builds it: normalized with its training images' statistics
+        model, _, _ = init_model(cfg, splits.train_x)
+    model = model.to(device)
     n, bs = len(train_y), cfg.optim.batch_size
     steps = (n + bs - 1) // bs
     opt = make_optimizer(model, cfg)

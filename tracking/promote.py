@@ -33,9 +33,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow.data import DataError, Mnist, load_mnist
-from mnist_mlflow.evaluation import HoldSummary, hold_summary
+from mnist_mlflow.evaluation import HoldSummary, evaluate, hold_summary
 from mnist_mlflow.models import count_params
-from mnist_mlflow.train import evaluate
 from tracking.runs import MODEL_NAME
 from tracking.stage import check_server
 

@@ -27,9 +27,10 @@ from mnist_mlflow import config as C
 from mnist_mlflow import evaluation, explore, figures
 from mnist_mlflow import threads as T
 from mnist_mlflow.data import Mnist, Splits, load_mnist, make_splits
-from mnist_mlflow.models import count_params, format_summary, layer_summary
-from mnist_mlflow.train import (EpochMetrics, TrainResult, fit, init_model, predict_logits,
-                                resolve_device)
+from mnist_mlflow.evaluation import predict_logits
+from mnist_mlflow.models import count_params
+from mnist_mlflow.summary import format_summary, layer_summary
+from mnist_mlflow.train import EpochMetrics, TrainResult, fit, init_model, resolve_device
 from tracking import hardware, liveness
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"

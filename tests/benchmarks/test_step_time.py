@@ -4,11 +4,11 @@ from benchmarks import step_time
 
 
 def test_variants_are_timed_in_turn_and_compared_with_the_first(mnist, capsys):
-    ms = step_time.main(["sparse:", "words16 fp32:model.dropout_mask=words16,precision=fp32",
+    ms = step_time.main(["sparse:", "bernoulli fp32:model.dropout_mask=bernoulli,precision=fp32",
                          "--batches", "2", "--repeats", "2"])
-    assert list(ms) == ["sparse", "words16 fp32"] and all(len(t) == 2 and min(t) > 0 for t in ms.values())
+    assert list(ms) == ["sparse", "bernoulli fp32"] and all(len(t) == 2 and min(t) > 0 for t in ms.values())
     out = capsys.readouterr().out
-    assert "speed per step vs sparse" in out and "1.00x" in out and "words16 fp32" in out
+    assert "speed per step vs sparse" in out and "1.00x" in out and "bernoulli fp32" in out
 
 
 @pytest.mark.parametrize("spec, message", [("sparse", "expected NAME:KEY=VALUE"),

@@ -39,6 +39,18 @@ def test_bad_values_name_the_value_and_what_is_allowed(override, message):
         C.load(ROOT / "experiments/stage3.yaml", [override])
 
 
+@pytest.mark.parametrize("override, allowed, what", [
+    ("model.arch=lean", "tiny, barebone", "lean (LeanNet)"),
+    ("model.dropout_mask=words16", "bernoulli, sparse", "words16 (WordMaskDropout)"),
+    ("model.dropout_mask=channel", "bernoulli, sparse", "channel (the channel mask, nn.Dropout2d)"),
+])
+def test_retired_variants_are_refused_naming_the_tag_that_keeps_them(override, allowed, what):
+    with pytest.raises(C.ConfigError, match=re.escape(
+            f"is not allowed: one of {allowed}; {what} was retired and is kept in git tag "
+            "retired-variants (commit 2e95a01)")):
+        C.load(ROOT / "experiments/stage3.yaml", [override])
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(C.ConfigError, match="does not exist"):
         C.load(tmp_path / "nope.yaml")

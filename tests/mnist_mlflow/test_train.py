@@ -7,8 +7,8 @@ import torch
 
 from mnist_mlflow import config as C
 from mnist_mlflow.data import make_splits
-from mnist_mlflow.evaluation import hold_summary
-from mnist_mlflow.train import fit, make_ema
+from mnist_mlflow.explore import pixel_stats
+from mnist_mlflow.train import fit, init_model, make_ema
 
 
 def test_short_run_on_a_subset_learns(mnist, tiny_config):
@@ -28,12 +28,23 @@ def test_same_seed_gives_identical_metrics(mnist, tiny_config):
     assert (a.train_loss, a.test_accuracy, a.val_accuracy) == (b.train_loss, b.test_accuracy, b.val_accuracy)
 
 
-def test_bf16_lean_words16_trains_and_keeps_fp32_weights(mnist, tiny_config):
-    cfg = C.replace(tiny_config, {"precision": "bf16", "model.arch": "lean", "model.width1": 8,
-                                  "model.dropout_mask": "words16"})
+def test_bf16_trains_and_keeps_fp32_weights(mnist, tiny_config):
+    cfg = C.replace(tiny_config, {"precision": "bf16"})
     result = fit(cfg, make_splits(mnist, train_limit=2000, test_limit=500), progress=False)
     assert result.history[-1].test_accuracy > 80.0
     assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+
+
+def test_without_a_model_fit_builds_the_runs_model(mnist, tiny_config):
+    """Normalized with its training images' statistics, as a tracked run's (`init_model`)."""
+    cfg = C.replace(tiny_config, {"optim.epochs": 1})
+    splits = make_splits(mnist, train_limit=600, test_limit=200)
+    built = fit(cfg, splits, progress=False)
+    given = fit(cfg, splits, progress=False, model=init_model(cfg, splits.train_x)[0])
+    normalize = built.model.features[0]
+    assert (normalize.mean.item(), normalize.std.item()) == pytest.approx(pixel_stats(splits.train_x))
+    assert [(m.train_loss, m.test_loss) for m in built.history] == \
+        [(m.train_loss, m.test_loss) for m in given.history]
 
 
 def test_epoch_callback_returning_true_stops_training(mnist, tiny_config):
@@ -100,15 +111,9 @@ def test_weight_average_matches_averaged_models_own_update_bit_for_bit():
     assert int(ours.n_averaged) == 6
 
 
-def test_hold_summary_finds_first_four_epoch_hold():
-    s = hold_summary([99.0, 99.41, 99.5, 99.3, 99.4, 99.45, 99.42, 99.47, 99.5], 99.4, 4)
-    assert (s.hold_epochs, s.target_reached_epoch, s.held_accuracy, s.best_accuracy) == (5, 8, 99.4, 99.5)
-    assert hold_summary([99.5, 99.5, 99.5], 99.4, 4).target_reached_epoch is None
-
-
 def test_library_imports_neither_mlflow_nor_optuna():
-    code = ("import sys, mnist_mlflow.train, mnist_mlflow.evaluation, mnist_mlflow.figures, "
-            "mnist_mlflow.explore, mnist_mlflow.data; "
+    code = ("import importlib, pkgutil, sys, mnist_mlflow; "
+            "[importlib.import_module(f'mnist_mlflow.{m.name}') for m in pkgutil.iter_modules(mnist_mlflow.__path__)]; "
             "print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -19,8 +19,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from mnist_mlflow.evaluation import evaluate
 from mnist_mlflow.models import TinyNet, count_params
-from mnist_mlflow.train import evaluate
 from tests.services import ROOT, tracking_server
 
 pytestmark = pytest.mark.slow
