@@ -35,10 +35,10 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["tiny", "barebone"] = "tiny"
-    width1: int = 9  # channels of the full-resolution block (tiny: and of the 1x1 transition)
-    width2: int = 16  # channels of the convolution that is pooled (tiny: and, unless set, of the later ones)
-    width_transition: Optional[int] = None  # tiny: the 1x1 after the pooling; null: width1
-    width3: Optional[int] = None  # tiny: the three 3x3 convolutions after the transition; null: width2
+    width1: int = 9  # channels of the full-resolution block (and, unless set, of the 1x1 transition)
+    width2: int = 16  # channels of the convolution that is pooled (and, unless set, of the later ones)
+    width_transition: Optional[int] = None  # the 1x1 after the pooling; null: width1
+    width3: Optional[int] = None  # the three 3x3 convolutions after the transition; null: width2
     width4: Optional[int] = None
     width5: Optional[int] = None  # also what the head's 1x1 reads
     dropout: float = 0.05

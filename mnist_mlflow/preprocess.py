@@ -16,8 +16,8 @@ import numpy as np
 BOX = 20  # the digit's longest side after size normalization
 SIZE = 28
 MIN_COMPONENT_SHARE = 0.05  # ink blobs smaller than this share of the largest are noise
-# Decoding takes about 20 bytes per pixel here (a 16000x16000 PNG of 360 KB: 5 GB); 50 MP
-# admits any phone photo.
+# Decoding holds every pixel in memory, several times over, however small the file (a
+# compressed PNG of a few hundred KB can decode to gigabytes); 50 MP admits any phone photo.
 MAX_PIXELS = 50_000_000
 
 
