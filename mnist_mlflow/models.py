@@ -76,13 +76,14 @@ class TinyNet(nn.Module):
         w1, w2 = width1, width2
         wt, w3, w4, w5 = width_transition or w1, width3 or w2, width4 or w2, width5 or w2
         block = functools.partial(conv_bn, dropout=dropout, mask=mask, channels_last=channels_last)
+        # built in forward order, the order in which the seed's initial weights are drawn
+        layers = [Normalize(mean, std), block(1, w1)]
         if pool_before_bn:  # the block holds the max-pooling
-            pooled = [block(w1, w2, pool=True)]
+            layers.append(block(w1, w2, pool=True))
         else:
-            pooled = [block(w1, w2), (ChannelsLastMaxPool2d if channels_last else nn.MaxPool2d)(2)]
-        # built in forward order: the seed gives each layer the same initial weights as ever
-        self.features = nn.Sequential(Normalize(mean, std), block(1, w1), *pooled, block(w2, wt, kernel=1),
-                                      block(wt, w3), block(w3, w4), block(w4, w5))
+            layers += [block(w1, w2), (ChannelsLastMaxPool2d if channels_last else nn.MaxPool2d)(2)]
+        layers += [block(w2, wt, kernel=1), block(wt, w3), block(w3, w4), block(w4, w5)]
+        self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(w5, 10, 1), nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -222,14 +222,14 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
     n_threads = resolve_threads(cfg.threads)
     apply_threads(n_threads)
     device = resolve_device(cfg.device)
+    if model is None:  # as a tracked run builds it, before the seeding below
+        model, _, _ = init_model(cfg, splits.train_x)
     seed_everything(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     train_x, train_y = as_tensors(splits.train_x, splits.train_y, device)
     test_x, test_y = as_tensors(splits.test_x, splits.test_y, device)
     val = as_tensors(splits.val_x, splits.val_y, device) if splits.val_y is not None else None
 
-    if model is None:  # as a tracked run builds it: normalized with its training images' statistics
-        model, _, _ = init_model(cfg, splits.train_x)
     model = model.to(device)
     n, bs = len(train_y), cfg.optim.batch_size
     steps = (n + bs - 1) // bs

@@ -24,6 +24,18 @@ def test_over_budget_fails_at_construction_naming_count_and_budget():
     assert param_count_of(ModelConfig(width1=10, width2=16)) == 8076
 
 
+@pytest.mark.parametrize("pool_before_bn", [False, True])
+def test_layers_draw_their_initial_weights_in_forward_order(pool_before_bn):
+    """What keeps a seed's initial weights (and so its run) the same when the code is rearranged."""
+    torch.manual_seed(0)
+    model = TinyNet(pool_before_bn=pool_before_bn, channels_last=pool_before_bn)
+    torch.manual_seed(0)
+    expected = [torch.nn.Conv2d(cin, cout, k, bias=False).weight
+                for cin, cout, k in [(1, 9, 3), (9, 16, 3), (16, 9, 1), (9, 16, 3), (16, 16, 3), (16, 16, 3)]]
+    convs = [m.weight for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 6 and all(torch.equal(a, b) for a, b in zip(convs, expected))
+
+
 def test_normalization_lives_inside_the_model():
     model = TinyNet()
     assert {"features.0.mean", "features.0.std"} <= set(model.state_dict())
