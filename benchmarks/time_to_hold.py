@@ -15,7 +15,7 @@ images' statistics, initial weights from the seed), so `stage3` trains exactly w
   channels-last  + ChannelsLastConv2d and ChannelsLastMaxPool2d (oneDNN convolutions and pooling
                  channels-last), fp32, no weight average
   pool-first     + pooling before block 2's BatchNorm, ReLU and dropout (a quarter of their work)
-  stage3         + bf16 forward passes, evaluation through the weights' moving average:
+  stage3         + evaluation through the weights' moving average, OneCycle peak 0.015:
                  experiments/stage3.yaml
 
 Variants of retired options (LeanNet, the words16 and channel masks) are in git tag
@@ -66,7 +66,7 @@ VARIANTS = {  # name -> (pipeline, config overrides of experiments/stage3.yaml, 
                       "+ channels-last convolutions and pooling"),
     "pool-first": ("tensors", {**BEFORE, "model.dropout_mask": "sparse", "model.channels_last_conv": True,
                                "model.pool_before_bn": True}, "+ pooling before BN, ReLU, dropout"),
-    "stage3": ("tensors", {}, "+ bf16, weight average: experiments/stage3.yaml"),
+    "stage3": ("tensors", {}, "+ weight average, peak 0.015: experiments/stage3.yaml"),
 }
 DEFAULT_VARIANTS = "stage3,baseline"
 
