@@ -39,12 +39,15 @@ from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
 from tracking import consistency, runs
+from tracking.provenance import PACKAGE_DIR
+from tracking.run_logging import summary_text
+from tracking.signals import sigterm_as_interrupt
 from tracking.search_space import SearchSpec, load_search
 from tracking.search_study import open_storage, redact
 from tracking.stage import check_server, use_experiment
 
 DEFAULT_CONFIG = "experiments/search.yaml"
-STAGE3 = runs.PACKAGE_DIR.parent / "experiments" / "stage3.yaml"  # what recipe.yaml extends
+STAGE3 = PACKAGE_DIR.parent / "experiments" / "stage3.yaml"  # what recipe.yaml extends
 PRECISIONS = ("bf16", "fp32")
 RECIPE = "recipe.yaml"
 # Where two candidates differ only here, screening would train the same runs twice.
@@ -194,7 +197,7 @@ def final(plan: Plan, winner: Candidate, mnist: Mnist) -> tuple[list[runs.RunOut
             outcomes.append(o)
             rows.append(R.final_row(seed, precision, o.run_id, o.hold,
                                     [h.test_accuracy for h in o.result.history]))
-            line = runs.summary_text(cfg, o.hold, runs.count_params(o.result.model),
+            line = summary_text(cfg, o.hold, runs.count_params(o.result.model),
                                      o.result.history).splitlines()
             print(f"final seed {seed} {precision}: {line[1]}; {line[2]}", flush=True)
     return outcomes, rows
@@ -384,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
           f"on validation (threshold {plan.threshold:g}%), then {len(plan.final_seeds) * len(plan.final_precisions)} "
           "final runs", flush=True)
     try:
-        with runs.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             run_id = run_confirm(plan, mnist)
     except KeyboardInterrupt:
         print("interrupted: the runs so far are KILLED or FINISHED", file=sys.stderr)

@@ -17,6 +17,8 @@ import numpy as np
 
 from mnist_mlflow import config as C
 from tracking import runs
+from tracking.run_logging import summary_text
+from tracking.signals import sigterm_as_interrupt
 from tracking.stage import SetupError, add_common_arguments, checked_setup
 
 
@@ -61,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seeds = list(range(1, args.seeds + 1))
-    with runs.sigterm_as_interrupt(), runs.tracked_run(run_name=f"{cfg.stage}-consistency",
+    with sigterm_as_interrupt(), runs.tracked_run(run_name=f"{cfg.stage}-consistency",
                                                        tags={"stage": f"{cfg.stage}-consistency"}):
         mlflow.log_params({**C.flatten(cfg), "seeds": args.seeds})
         outcomes = []
         for seed in seeds:
             seed_cfg = C.replace(cfg, {"seed": seed})
             outcomes.append(runs.run_training(seed_cfg, mnist=mnist, nested=True, run_name=f"seed-{seed}"))
-            line = runs.summary_text(seed_cfg, outcomes[-1].hold, runs.count_params(outcomes[-1].result.model),
+            line = summary_text(seed_cfg, outcomes[-1].hold, runs.count_params(outcomes[-1].result.model),
                                      outcomes[-1].result.history).splitlines()
             print(f"seed {seed}: {line[1]}; {line[2]}", flush=True)
         stats = summarize(outcomes, cfg)

@@ -36,7 +36,7 @@ from mnist_mlflow.data import DataError, Mnist, load_mnist
 from mnist_mlflow.evaluation import HoldSummary, hold_summary
 from mnist_mlflow.models import count_params
 from mnist_mlflow.train import evaluate
-from tracking.runs import MODEL_NAME
+from tracking.run_logging import MODEL_NAME
 from tracking.stage import check_server
 
 DEFAULT_MODEL_NAME = "mnist-8k"

@@ -37,6 +37,7 @@ from tracking.search_objective import Objective, TrialContext
 from tracking.search_space import SearchSpec, load_search, make_pruner, make_sampler
 from tracking.search_study import (HEARTBEAT_S, open_storage, open_study, redact,
                                   requeue_interrupted, sampler_seed)
+from tracking.signals import sigterm_as_interrupt
 from tracking.stage import use_experiment
 
 DEFAULT_CONFIG = "experiments/search.yaml"
@@ -119,7 +120,7 @@ def worker_main(job: WorkerJob) -> None:
     mlflow.set_tracking_uri(job.tracking_uri)
     mlflow.set_experiment(experiment_id=job.experiment_id)
     try:
-        with runs.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             optimize(job)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is recorded; no traceback
         sys.exit(130)
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        with runs.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             result = run_search(opts)
     except (C.ConfigError, DataError, MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

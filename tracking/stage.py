@@ -20,7 +20,9 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from mnist_mlflow.train import Diverged, resolve_device
-from tracking import runs
+from tracking import checkpoints, runs
+from tracking.run_logging import summary_text
+from tracking.signals import sigterm_as_interrupt
 from tracking.mlflow_run import keep_status_after_parent, record_setup_error, stop_with_parent
 from tracking.store import check_server, check_store  # noqa: F401 - check_server: promote's import
 
@@ -81,8 +83,8 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
             if overrides_from(args):
                 raise C.ConfigError("--resume continues a run with its own config: drop the overrides")
             check_store()  # before any other store call can hang in retries
-            cfg = runs.config_of_run(resume)
-            runs.check_resumable(resume)  # fails now, not after loading data
+            cfg = checkpoints.config_of_run(resume)
+            checkpoints.check_resumable(resume)  # fails now, not after loading data
         else:
             if not args.config:
                 raise C.ConfigError("an experiment file is needed, e.g. experiments/stage3.yaml")
@@ -99,7 +101,7 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
             mlflow.set_experiment(experiment_id=experiment_id)
         else:
             use_experiment(args.experiment)
-    except (C.ConfigError, BudgetError, DataError, MlflowException, runs.ResumeError) as exc:
+    except (C.ConfigError, BudgetError, DataError, MlflowException, checkpoints.ResumeError) as exc:
         raise SetupError(str(exc)) from exc
     return cfg, mnist
 
@@ -113,7 +115,7 @@ def interrupted_line(exc: KeyboardInterrupt) -> str:
     if run_id is None:
         return "interrupted before a run was created"
     try:
-        runs.check_resumable(run_id)
+        checkpoints.check_resumable(run_id)
     except Exception as why:  # noqa: BLE001 - ResumeError, or a store gone away
         return f"interrupted: run {run_id} is KILLED; it cannot be resumed ({why})"
     return (f"interrupted: run {run_id} is KILLED; resume it with: "
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {cfg.stage}, {cfg.optim.epochs} epochs, store {mlflow.get_tracking_uri()}")
         return 0
     try:
-        with runs.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress,
                                         checkpoints=True, resume_run_id=args.resume or None)
     except KeyboardInterrupt as exc:
@@ -155,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as exc:
         print(f"error: {exc}; run {getattr(exc, 'run_id', '?')} is FAILED", file=sys.stderr)
         return 1
-    print(runs.summary_text(cfg, outcome.hold, runs.count_params(outcome.result.model),
-                            outcome.result.history), end="")
+    print(summary_text(cfg, outcome.hold, runs.count_params(outcome.result.model),
+                       outcome.result.history), end="")
     print(f"run_id: {outcome.run_id}")
     return 0
 

@@ -35,6 +35,7 @@ from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
 from tracking import confirm, promote, runs
+from tracking.signals import Interrupted, sigterm_as_interrupt
 from tracking.search_space import load_search
 from tracking.search_study import redact
 from tracking.stage import check_server, use_experiment
@@ -111,7 +112,7 @@ def run_step(step: Step, parent_id: str, experiment_id: str) -> str:
             lines.append(line)
         rc = proc.wait()
     except KeyboardInterrupt as exc:
-        rc = stop(proc, sigterm=isinstance(exc, runs.Interrupted))
+        rc = stop(proc, sigterm=isinstance(exc, Interrupted))
         finish(client, run_id, rc, lines)
         raise
     finish(client, run_id, rc, lines)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     try:
-        with runs.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             parent_id, version = run_tune(args, storage, study)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -95,8 +95,8 @@ def test_bad_input_is_a_clear_error_and_creates_no_run(args, message, tracking_u
 def test_sigterm_ends_the_run_killed(tmp_path, tracking_uri):
     script = (
         "import os, signal, mlflow\n"
-        "from tracking import runs\n"
-        "with runs.sigterm_as_interrupt():\n"
+        "from tracking import runs, signals\n"
+        "with signals.sigterm_as_interrupt():\n"
         "    with runs.tracked_run(run_name='t'):\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
     )
