@@ -40,7 +40,6 @@ from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
 from tracking import consistency, runs
 from tracking.provenance import PACKAGE_DIR
-from tracking.run_logging import summary_text
 from tracking.signals import sigterm_as_interrupt
 from tracking.search_space import SearchSpec, load_search
 from tracking.search_study import open_storage, redact
@@ -197,8 +196,7 @@ def final(plan: Plan, winner: Candidate, mnist: Mnist) -> tuple[list[runs.RunOut
             outcomes.append(o)
             rows.append(R.final_row(seed, precision, o.run_id, o.hold,
                                     [h.test_accuracy for h in o.result.history]))
-            line = summary_text(cfg, o.hold, runs.count_params(o.result.model),
-                                     o.result.history).splitlines()
+            line = o.summary(cfg).splitlines()
             print(f"final seed {seed} {precision}: {line[1]}; {line[2]}", flush=True)
     return outcomes, rows
 

@@ -17,7 +17,6 @@ import numpy as np
 
 from mnist_mlflow import config as C
 from tracking import runs
-from tracking.run_logging import summary_text
 from tracking.signals import sigterm_as_interrupt
 from tracking.stage import SetupError, add_common_arguments, checked_setup
 
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             seed_cfg = C.replace(cfg, {"seed": seed})
             outcomes.append(runs.run_training(seed_cfg, mnist=mnist, nested=True, run_name=f"seed-{seed}"))
-            line = summary_text(seed_cfg, outcomes[-1].hold, runs.count_params(outcomes[-1].result.model),
-                                     outcomes[-1].result.history).splitlines()
+            line = outcomes[-1].summary(seed_cfg).splitlines()
             print(f"seed {seed}: {line[1]}; {line[2]}", flush=True)
         stats = summarize(outcomes, cfg)
         mlflow.log_metrics(stats)

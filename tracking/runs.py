@@ -1,11 +1,12 @@
-"""The run lifecycle: every stage run and search trial trains through `run_training`, and every
-run this project opens (parents and benchmarks too) goes through `tracked_run`.
+"""The run lifecycle: how a run starts, is held and ends FINISHED, FAILED or KILLED, never RUNNING.
 
-`run_training` validates everything that can fail cheaply (config, budget, data, store)
-before a run exists, so bad input creates no run; once a run exists it always ends
-FINISHED, FAILED or KILLED, never RUNNING. What is logged lives in tracking/provenance.py and
-tracking/run_logging.py, checkpoints and resuming in tracking/checkpoints.py, signals in
-tracking/signals.py.
+Stage runs and search trials train through `run_training`, which validates everything that
+can fail cheaply (config, budget, data, store) before a run exists, so bad input creates no
+run. Runs that wrap others (consistency, confirm, tune) and the benchmarks that log
+(time_to_hold, shared_cores) open theirs with `tracked_run`; a run this process did not
+start (a search's parent run) is held with `held`. What is logged lives in
+tracking/provenance.py and tracking/run_logging.py, checkpoints and resuming in
+tracking/checkpoints.py, signals in tracking/signals.py.
 """
 
 from __future__ import annotations
@@ -25,40 +26,59 @@ from mnist_mlflow.train import EpochMetrics, TrainResult, fit, init_model, resol
 from tracking import hardware, liveness
 from tracking.checkpoints import THREADS_PARAM, load_checkpoint, log_checkpoint, resumed_threads
 from tracking.provenance import git_commit, log_datasets, versions
-from tracking.run_logging import log_data_study, log_epoch, log_results, summarize
+from tracking.run_logging import log_data_study, log_epoch, log_results, summarize, summary_text
 from tracking.signals import DeferredInterrupt
 
 
-@contextlib.contextmanager
-def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
-    """`mlflow.start_run` whose end status tells what happened: FINISHED, FAILED or KILLED.
+class StopRun(Exception):
+    """Raised inside a held run to end it KILLED on purpose, without an `error` tag: e.g. a
+    pruned trial (tracking/search/objective.py). The run is ended once, here."""
 
-    While it runs, the run records this process as its owner and a heartbeat
-    (tracking/liveness.py), so a run whose process died is found and closed by tracking.doctor.
+
+@dataclass
+class RunEnd:
+    status: str = "FINISHED"  # what the run is ended with; `held` sets it
+
+
+@contextlib.contextmanager
+def held(run_id: str, end: RunEnd, shared: bool = False) -> Iterator[RunEnd]:
+    """While inside, this process holds run `run_id`: it records this process as an owner and
+    a heartbeat (tracking/liveness.py; `shared`: other processes may hold it too), so a run
+    whose process died is found and closed by tracking.doctor. How the block ends sets
+    `end.status`, for the caller to end the run with: FINISHED; KILLED on Ctrl-C, SIGTERM or a
+    StopRun; FAILED on any other exception, whose reason becomes the run's `error` tag.
     """
-    run = mlflow.start_run(**start_kwargs)
-    status, hb = "FINISHED", None
+    hb = None
     try:
-        hb = liveness.Heartbeat(run.info.run_id).start()
-        yield run
-    except KeyboardInterrupt as exc:
-        exc.run_id = run.info.run_id  # for the caller's "resume with" line
-        status = "KILLED"
+        hb = liveness.Heartbeat(run_id, shared=shared).start()
+        yield end
+    except (KeyboardInterrupt, StopRun) as exc:
+        exc.run_id = run_id  # for the caller's "resume with" line
+        end.status = "KILLED"
         raise
     except BaseException as exc:
         with contextlib.suppress(AttributeError):
-            exc.run_id = run.info.run_id
-        import optuna  # here: stage runs need not import it
-
-        if not isinstance(exc, optuna.TrialPruned):  # a pruned trial is no error (search closes it)
-            with contextlib.suppress(Exception):  # the store may be what failed
-                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])  # the UI says why
-        status = "FAILED"
+            exc.run_id = run_id
+        with contextlib.suppress(Exception):  # the store may be what failed
+            reason = f"{type(exc).__name__}: {exc}"[:5000]
+            mlflow.MlflowClient().set_tag(run_id, "error", reason)  # the UI says why
+        end.status = "FAILED"
         raise
     finally:
         if hb is not None:
             hb.stop()  # no beat after the end
-        mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
+    """`mlflow.start_run`, held (see `held`) and ended with the status that tells what happened."""
+    run = mlflow.start_run(**start_kwargs)
+    end = RunEnd()
+    try:
+        with held(run.info.run_id, end):
+            yield run
+    finally:
+        mlflow.end_run(end.status)
 
 
 @dataclass
@@ -66,6 +86,10 @@ class RunOutcome:
     run_id: str
     result: TrainResult
     hold: evaluation.HoldSummary
+
+    def summary(self, cfg: C.RunConfig) -> str:
+        """summary.txt's lines: parameters and time, best and final accuracy, the hold."""
+        return summary_text(cfg, self.hold, count_params(self.result.model), self.result.history)
 
 
 def prepare(cfg: C.RunConfig, mnist: Mnist | None = None) -> tuple[Mnist, Splits]:

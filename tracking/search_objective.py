@@ -10,9 +10,9 @@ Every trial leaves a child run under the search's parent run, tagged ``trial_sta
     SURPLUS   run KILLED, never trained: a shared search's worker started it after the study
               already had its trials (a rare race between workers; the trial is FAIL)
 
-So FINISHED always means COMPLETE, and KILLED means "stopped on purpose". `run_training`
-ends any run that raises as FAILED; the objective corrects pruned runs afterwards
-(MlflowClient works on ended runs), which keeps `tracking/runs.py` unchanged.
+So FINISHED always means COMPLETE, and KILLED means "stopped on purpose": a pruned trial
+raises `Pruned`, a `runs.StopRun`, so `run_training` ends its run KILLED itself and the
+objective only tags it.
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ class TrialContext:
 
 class SurplusTrial(Exception):
     """A shared search's worker started a trial past the study's quota (a rare race)."""
+
+
+class Pruned(optuna.TrialPruned, runs.StopRun):
+    """The pruner stopped the trial: PRUNED in Optuna, its run ended KILLED by run_training."""
 
 
 def is_surplus(study: optuna.Study, number: int, quota: int) -> bool:
@@ -106,7 +110,7 @@ class HoldReporter:
         if self.held:
             return True  # stop: the objective is final
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%, "
+            raise Pruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%, "
                                      f"score {self.progress:.3f}")
         return False
 
@@ -173,8 +177,8 @@ class Objective:
                 cfg, mnist=self.ctx.mnist, nested=True, run_name=f"trial-{trial.number}",
                 tags=self._tags(trial, "RUNNING"), on_epoch_end=reporter,
                 log_model_artifact=self.ctx.spec.settings.log_models, progress=False)
-        except optuna.TrialPruned as exc:
-            self._close(trial, "PRUNED", "KILLED", {"pruned_reason": str(exc)})
+        except optuna.TrialPruned as exc:  # its run is KILLED already (Pruned is a StopRun)
+            self._close(trial, "PRUNED", None, {"pruned_reason": str(exc)})
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # a resumed search runs it again

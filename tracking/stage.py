@@ -21,7 +21,6 @@ from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from mnist_mlflow.train import Diverged, resolve_device
 from tracking import checkpoints, runs
-from tracking.run_logging import summary_text
 from tracking.signals import sigterm_as_interrupt
 from tracking.mlflow_run import keep_status_after_parent, record_setup_error, stop_with_parent
 from tracking.store import check_server, check_store  # noqa: F401 - check_server: promote's import
@@ -157,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as exc:
         print(f"error: {exc}; run {getattr(exc, 'run_id', '?')} is FAILED", file=sys.stderr)
         return 1
-    print(summary_text(cfg, outcome.hold, runs.count_params(outcome.result.model),
-                       outcome.result.history), end="")
+    print(outcome.summary(cfg), end="")
     print(f"run_id: {outcome.run_id}")
     return 0
 

@@ -79,6 +79,23 @@ def test_crash_ends_failed_and_ctrl_c_ends_killed(mnist, tiny_config, tracking_u
     assert sorted(_statuses()) == ["FAILED", "KILLED"]
 
 
+def test_a_stop_run_ends_the_run_killed_once_and_without_an_error(mnist, tiny_config, tracking_uri):
+    """What a pruned trial raises: the run is KILLED by the lifecycle itself, not re-ended."""
+    mlflow.set_experiment("test")
+
+    class Enough(runs.StopRun):
+        pass
+
+    def stop(_m):
+        raise Enough("stopped on purpose")
+
+    with pytest.raises(Enough) as info:
+        runs.run_training(tiny_config, mnist=mnist, on_epoch_end=stop, progress=False)
+    run = MlflowClient().get_run(info.value.run_id)
+    assert run.info.status == "KILLED" and "error" not in run.data.tags
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")] == [1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "schedule.name=cyclic"], "schedule.name='cyclic' is not allowed"),
     (["--epochs", "-1"], "optim.epochs=-1 is not allowed"),
