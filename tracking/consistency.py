@@ -8,7 +8,6 @@ epochs), when each hold completed, and final and best test accuracy (mean, std, 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import matplotlib.pyplot as plt
@@ -16,9 +15,9 @@ import mlflow
 import numpy as np
 
 from mnist_mlflow import config as C
-from tracking import runs
+from tracking import cli, runs
 from tracking.signals import sigterm_as_interrupt
-from tracking.stage import SetupError, add_common_arguments, checked_setup
+from tracking.stage import SetupError, checked_setup
 
 
 def seed_figure(seeds: list[int], histories: list[list[float]], target: float) -> plt.Figure:
@@ -47,18 +46,15 @@ def summarize(outcomes: list[runs.RunOutcome], cfg: C.RunConfig) -> dict[str, fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tracking.consistency", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m tracking.consistency", __doc__)
     p.add_argument("config", help="experiment file, e.g. experiments/stage3.yaml")
-    p.add_argument("--seeds", type=int, default=5, help="seeds 1..N")
-    add_common_arguments(p)
-    args = p.parse_args(argv)
-    if args.seeds < 1:
-        print(f"error: --seeds={args.seeds} is not allowed: at least 1", file=sys.stderr)
-        return 2
+    cli.add(p, "--seeds", int, 1, unset=5, help="seeds 1..N (default 5)")
+    cli.add_overrides(p, *cli.OVERRIDES)
+    cli.add_experiment(p)
     try:
+        args = p.parse_args(argv)
         cfg, mnist = checked_setup(args)
-    except SetupError as exc:
+    except (SetupError, C.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seeds = list(range(1, args.seeds + 1))

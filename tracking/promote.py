@@ -1,14 +1,16 @@
 """Promotes the first run that held the target to the Model Registry as ``<name>@champion``.
 
-    python -m tracking.promote [--model-name mnist-8k] [--target 99.4] [--hold 4]
-                               [--experiment NAME] [--parent-run-id ID] [--dry-run]
+    python -m tracking.promote [--model-name mnist-8k] [--config experiments/stage3.yaml]
+                               [--target PERCENT] [--hold EPOCHS] [--experiment NAME]
+                               [--parent-run-id ID] [--dry-run]
 
 "First" is by start time over FINISHED runs (stage runs and search trials alike) that
 have a logged model named "model" and a ``test_accuracy`` history; with ``--parent-run-id``
 only the children of that run (e.g. tracking.confirm's final runs). Before anything is
 registered the logged model is loaded, its real parameter count checked against the
-8,000 budget, and its test accuracy recomputed; a disagreement with the run's last
-logged value refuses the promotion.
+budget, and its test accuracy recomputed; a disagreement with the run's last logged value
+refuses the promotion. Target, hold and budget are the experiment file's (`--config`:
+target.accuracy, target.hold, model.max_params); --target and --hold override the first two.
 
 Exit codes: 0 promoted, already promoted or dry run; 1 no qualifying run;
 2 bad arguments or an unreachable store; 3 refused (logged accuracy disagrees).
@@ -16,8 +18,8 @@ Exit codes: 0 promoted, already promoted or dry run; 1 no qualifying run;
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+from pathlib import Path
 import math
 import re
 import sys
@@ -32,17 +34,17 @@ from mlflow.entities import LoggedModelStatus, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist, load_mnist
 from mnist_mlflow.evaluation import HoldSummary, hold_summary
 from mnist_mlflow.models import count_params
 from mnist_mlflow.train import evaluate
+from tracking import cli
 from tracking.run_logging import MODEL_NAME
-from tracking.stage import check_server
 
 DEFAULT_MODEL_NAME = "mnist-8k"
 ALIAS = "champion"
 METRIC = "test_accuracy"
-MAX_PARAMS = 8000
 TOLERANCE = 0.05  # percentage points between the logged and the recomputed accuracy
 CLOSEST_SHOWN = 5
 
@@ -57,6 +59,27 @@ class NoCandidate(PromotionError):
 
 class AccuracyMismatch(PromotionError):
     exit_code = 3
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a run must have done to be promoted: held `target`% test accuracy for `hold`
+    epochs, with at most `max_params` parameters (None: no budget)."""
+
+    target: float
+    hold: int
+    max_params: Optional[int]
+
+    @classmethod
+    def of(cls, config: str | Path = cli.STAGE3, target: Optional[float] = None,
+           hold: Optional[int] = None) -> "Criteria":
+        """The experiment file's target and budget; `target` and `hold` override its target."""
+        cfg = C.load(config)
+        return cls(cfg.target.accuracy if target is None else target,
+                   cfg.target.hold if hold is None else hold, cfg.model.max_params)
+
+    def over_budget(self, n: int) -> bool:
+        return self.max_params is not None and n > self.max_params
 
 
 @dataclass
@@ -177,15 +200,15 @@ def param_int(run: Run, key: str) -> Optional[int]:
         raise PromotionError(f"run {run.info.run_id}: param {key}={raw!r} is not an integer") from None
 
 
-def judge(client: MlflowClient, cand: Candidate, target: float, hold: int) -> Candidate:
+def judge(client: MlflowClient, cand: Candidate, crit: Criteria) -> Candidate:
     """Fills `reason` (cheapest checks first) and, for a qualifying run, the loaded model."""
     h = cand.hold
     if h.target_reached_epoch is None:
-        cand.reason = f"needs {hold} consecutive epochs >= {target}%"
+        cand.reason = f"needs {crit.hold} consecutive epochs >= {crit.target}%"
         return cand
     logged_params = param_int(cand.run, "num_params")
-    if logged_params is not None and logged_params > MAX_PARAMS:
-        cand.reason = f"num_params param {logged_params:,} > {MAX_PARAMS:,}"
+    if logged_params is not None and crit.over_budget(logged_params):
+        cand.reason = f"num_params param {logged_params:,} > {crit.max_params:,}"
         return cand
     cand.model_uri = logged_model_uri(client, cand.run)
     if cand.model_uri is None:
@@ -198,13 +221,13 @@ def judge(client: MlflowClient, cand: Candidate, target: float, hold: int) -> Ca
         cand.reason = f"logged model cannot be loaded ({exc})"
         return cand
     cand.num_params = count_params(cand.model)
-    if cand.num_params > MAX_PARAMS:
-        cand.reason = f"logged model has {cand.num_params:,} parameters > {MAX_PARAMS:,}"
+    if crit.over_budget(cand.num_params):
+        cand.reason = f"logged model has {cand.num_params:,} parameters > {crit.max_params:,}"
         cand.model = None
     return cand
 
 
-def select_run(client: MlflowClient, exp_ids: list[str], target: float, hold: int,
+def select_run(client: MlflowClient, exp_ids: list[str], crit: Criteria,
                parent_run_id: Optional[str] = None) -> tuple[Optional[Candidate], list[Candidate]]:
     """(first qualifying candidate or None, the rejected ones scanned before it)."""
     rejected: list[Candidate] = []
@@ -212,17 +235,18 @@ def select_run(client: MlflowClient, exp_ids: list[str], target: float, hold: in
         history = accuracy_history(client, run.info.run_id)
         if not history:
             continue  # not a training run (a search parent, a benchmark without test metric)
-        cand = judge(client, Candidate(run, hold_summary(history, target, hold), history[-1]),
-                     target, hold)
+        cand = judge(client, Candidate(run, hold_summary(history, crit.target, crit.hold),
+                                       history[-1]), crit)
         if not cand.reason:
             return cand, rejected
         rejected.append(cand)
     return None, rejected
 
 
-def no_candidate_message(rejected: list[Candidate], target: float, hold: int, scope: str) -> str:
-    head = (f"no FINISHED run in {scope} held {METRIC} >= {target}% for {hold} consecutive "
-            f"epochs with a logged model of <= {MAX_PARAMS:,} parameters")
+def no_candidate_message(rejected: list[Candidate], crit: Criteria, scope: str) -> str:
+    budget = f" of <= {crit.max_params:,} parameters" if crit.max_params is not None else ""
+    head = (f"no FINISHED run in {scope} held {METRIC} >= {crit.target}% for {crit.hold} "
+            f"consecutive epochs with a logged model{budget}")
     if not rejected:
         return head + f"; no run there has a {METRIC} history"
     closest = sorted(rejected, key=lambda c: (c.hold.hold_epochs, c.hold.best_accuracy),
@@ -264,10 +288,11 @@ def find_version(client: MlflowClient, name: str, run_id: str) -> Optional[Model
     return found[0] if found else None
 
 
-def ensure_registered_model(client: MlflowClient, name: str) -> None:
+def ensure_registered_model(client: MlflowClient, name: str, max_params: Optional[int] = None) -> None:
+    budget = f", <= {max_params:,} parameters" if max_params is not None else ""
     try:
         client.create_registered_model(
-            name, description="MNIST CNN, <= 8,000 parameters; input float32 raw pixels 0-255 "
+            name, description=f"MNIST CNN{budget}; input float32 raw pixels 0-255 "
                               "(N, 1, 28, 28), output (N, 10) logits")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -287,7 +312,8 @@ def idempotent(call, *args, attempts: int = 4):
             time.sleep(0.2 * (attempt + 1))
 
 
-def register(client: MlflowClient, name: str, cand: Candidate, alias: str) -> tuple[ModelVersion, bool]:
+def register(client: MlflowClient, name: str, cand: Candidate, alias: str,
+             max_params: Optional[int] = None) -> tuple[ModelVersion, bool]:
     """Registers the run once, whoever else promotes it at the same moment, from any machine.
 
     The registry has no compare-and-set and numbers versions max + 1, so two promoters can
@@ -297,7 +323,7 @@ def register(client: MlflowClient, name: str, cand: Candidate, alias: str) -> tu
     (the kept version, whether it is this call's). A failure before the alias is set deletes
     this call's version again.
     """
-    ensure_registered_model(client, name)
+    ensure_registered_model(client, name, max_params)
     model_id = cand.model_uri.removeprefix("models:/")
     mine = client.create_model_version(name, source=cand.model_uri, run_id=cand.run_id,
                                        model_id=model_id)
@@ -328,23 +354,26 @@ def result_of(name: str, cand: Candidate, version: Optional[str | int], created:
                            cand.last_accuracy, verified)
 
 
-def promote(model_name: str = DEFAULT_MODEL_NAME, target: float = 99.4, hold: int = 4,
-            experiment: Optional[str] = None, dry_run: bool = False, *, alias: str = ALIAS,
-            mnist: Optional[Mnist] = None, parent_run_id: Optional[str] = None) -> PromotionResult:
+def promote(model_name: str = DEFAULT_MODEL_NAME, target: Optional[float] = None,
+            hold: Optional[int] = None, experiment: Optional[str] = None, dry_run: bool = False, *,
+            alias: str = ALIAS, mnist: Optional[Mnist] = None, parent_run_id: Optional[str] = None,
+            config: str | Path = cli.STAGE3) -> PromotionResult:
     """Registers the first qualifying run under `model_name` and points `alias` at it.
 
-    Uses the current tracking URI. Raises NoCandidate, AccuracyMismatch or PromotionError.
+    Uses the current tracking URI. Raises NoCandidate, AccuracyMismatch, PromotionError or
+    ConfigError (the experiment file).
     """
-    check_arguments(model_name, target, hold, parent_run_id)
+    crit = Criteria.of(config, target, hold)
+    check_arguments(model_name, crit.target, crit.hold, parent_run_id)
     client = MlflowClient()
     if parent_run_id:
         client.get_run(parent_run_id)  # an unknown id fails here (exit 2), not as "no candidate"
-    cand, rejected = select_run(client, experiment_ids(client, experiment), target, hold, parent_run_id)
+    cand, rejected = select_run(client, experiment_ids(client, experiment), crit, parent_run_id)
     if cand is None:
         scope = f"experiment {experiment!r}" if experiment else "any experiment"
         if parent_run_id:
             scope += f" under run {parent_run_id}"
-        raise NoCandidate(no_candidate_message(rejected, target, hold, scope))
+        raise NoCandidate(no_candidate_message(rejected, crit, scope))
     existing = find_version(client, model_name, cand.run_id)
     # An existing version was verified when it was registered; a new one must be now.
     verified = None if existing else verify_accuracy(cand, mnist)
@@ -354,40 +383,39 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: float = 99.4, hold: in
     if existing:
         idempotent(client.set_registered_model_alias, model_name, alias, existing.version)
         return result_of(model_name, cand, existing.version, False, False, verified)
-    version, created = register(client, model_name, cand, alias)
+    version, created = register(client, model_name, cand, alias, crit.max_params)
     return result_of(model_name, cand, version.version, created, False, verified)
 
 
 # ---------------------------------------------------------------- CLI
 
-def truthy(text: str) -> bool:
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no", ""):
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: true or false")
-    return value in ("true", "1", "yes")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tracking.promote", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.Parser:
+    p = cli.parser("python -m tracking.promote", __doc__)
     p.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
-    p.add_argument("--target", type=float, default=99.4, help="test accuracy in percent")
-    p.add_argument("--hold", type=int, default=4, help="consecutive epochs at or above target")
+    p.add_argument("--config", default=str(cli.STAGE3),
+                   help="experiment file whose target and budget apply (default %(default)s)")
+    cli.add(p, "--target", float, help="test accuracy in percent (default: the file's target.accuracy)")
+    cli.add(p, "--hold", int, help="consecutive epochs at or above target (default: target.hold)")
     p.add_argument("--experiment", default="", help="experiment name (default: all experiments)")
     p.add_argument("--parent-run-id", default="", help="only the child runs of this run "
                                                        "(e.g. tracking.confirm's parent)")
     # A value is accepted too so that the MLproject entry point can pass dry_run=false.
-    p.add_argument("--dry-run", nargs="?", const="true", default="false", type=truthy,
+    p.add_argument("--dry-run", nargs="?", const="true", default="false", type=cli.typed("dry-run", bool),
                    help="report what would be promoted, register nothing")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        check_server(mlflow.get_tracking_uri())
+        args = parser().parse_args(argv)
+        cli.check_server()
         result = promote(args.model_name, args.target, args.hold, args.experiment or None,
-                         args.dry_run, parent_run_id=args.parent_run_id or None)
+                         bool(args.dry_run), parent_run_id=args.parent_run_id or None,
+                         config=args.config)
     except PromotionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (MlflowException, DataError) as exc:
+    except (C.ConfigError, MlflowException, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.describe())

@@ -15,7 +15,6 @@ together finish exactly N trials, retrying those of a worker that died (tracking
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import sys
@@ -32,15 +31,15 @@ from mlflow.exceptions import MlflowException
 from mnist_mlflow import config as C
 from mnist_mlflow import threads as T
 from mnist_mlflow.data import DataError, Mnist, load_mnist
-from tracking import dashboard, liveness, runs, search_report, search_shared, search_study
+from tracking import cli, dashboard, liveness, runs, search_report, search_shared, search_study
 from tracking.search_objective import Objective, TrialContext
 from tracking.search_space import SearchSpec, load_search, make_pruner, make_sampler
 from tracking.search_study import (HEARTBEAT_S, open_storage, open_study, redact,
                                   requeue_interrupted, sampler_seed)
 from tracking.signals import sigterm_as_interrupt
-from tracking.stage import use_experiment
 
 DEFAULT_CONFIG = "experiments/search.yaml"
+CONFIG_FLAGS = ("epochs", "train_limit", "test_limit")  # cli.OVERRIDES the search takes ("seed" is the sampler's)
 
 
 @dataclass(frozen=True)
@@ -153,12 +152,7 @@ def run_processes(jobs: list[WorkerJob]) -> None:
 
 def resolve(opts: Options) -> tuple[SearchSpec, dict]:
     """The search file with the CLI's overrides; every check that needs no storage or run."""
-    overrides = dict(C.parse_override(o) for o in opts.overrides)
-    for path, value in (("optim.epochs", opts.epochs), ("data.train_limit", opts.train_limit),
-                        ("data.test_limit", opts.test_limit)):
-        if value is not None:
-            overrides[path] = value
-    spec = load_search(opts.config, overrides, max_params=opts.max_params)
+    spec = load_search(opts.config, cli.overrides(opts, CONFIG_FLAGS), max_params=opts.max_params)
     s = spec.settings
     plan = {"n_trials": opts.n_trials or s.n_trials, "storage": opts.storage or s.storage,
             "study_name": opts.study_name or s.study_name, "timeout": opts.timeout,
@@ -189,7 +183,7 @@ def run_search(opts: Options, mnist: Mnist | None = None) -> SearchResult:
     storage = open_storage(plan["storage"], plan["heartbeat"])
     study = open_study(spec, storage, plan["study_name"])
     mnist = mnist or load_mnist(spec.base.data.data_dir)  # fails now, not in every worker
-    use_experiment(opts.experiment)
+    cli.use_experiment(opts.experiment)
     queued = requeue_interrupted(study)
     n_existing = len(study.get_trials(deepcopy=False))
     with runs.tracked_run(run_name=f"search-{plan['study_name']}",
@@ -210,7 +204,7 @@ def run_shared(opts: Options, spec: SearchSpec, plan: dict, mnist: Mnist | None)
     """One worker of a shared search: joins the study and its parent run (see search_shared)."""
     storage = open_storage(plan["storage"], plan["heartbeat"])
     mnist = mnist or load_mnist(spec.base.data.data_dir)
-    experiment_id = use_experiment(opts.experiment)
+    experiment_id = cli.use_experiment(opts.experiment)
     study, created = search_study.create_or_load(storage, plan["study_name"])
     search_study.check_settings(spec, study)
     if created:
@@ -317,58 +311,36 @@ def log_search_params(spec: SearchSpec, plan: dict, queued: list[int], run_id: s
 
 # ---------------------------------------------------------------- CLI
 
-def _number(kind: type, name: str, text: str, minimum: float):
-    """'' (MLproject's default) -> None; otherwise a number >= minimum, or a clear error."""
-    if text in ("", None):
-        return None
-    try:
-        value = kind(text)
-    except ValueError:
-        raise C.ConfigError(f"--{name}={text!r} is not {'an integer' if kind is int else 'a number'}")
-    if value < minimum:
-        raise C.ConfigError(f"--{name}={text!r} is not allowed: {minimum} or more")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(prog="python -m tracking.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m tracking.search", __doc__)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
-    p.add_argument("--n-trials", default="", help="trials in this invocation (default: the file's)")
-    p.add_argument("--study-trials", default="",
-                   help="shared search: run, with every worker started with the same study and "
-                        "storage, until the whole study has this many finished trials")
-    p.add_argument("--heartbeat", default="", help=f"seconds between a running trial's "
-                   f"heartbeats in database storage (default {HEARTBEAT_S}); a trial silent for "
-                   "3 heartbeats is failed and retried")
-    p.add_argument("--epochs", default="", help="optim.epochs of every trial (no longer searched)")
+    cli.add(p, "--n-trials", int, 1, help="trials in this invocation (default: the file's)")
+    cli.add(p, "--study-trials", int, 1,
+            help="shared search: run, with every worker started with the same study and "
+                 "storage, until the whole study has this many finished trials")
+    cli.add(p, "--heartbeat", int, 1, help=f"seconds between a running trial's heartbeats in "
+            f"database storage (default {HEARTBEAT_S}); a trial silent for 3 heartbeats is failed "
+            "and retried")
     p.add_argument("--storage", default="", help="sqlite:///optuna.db (the file's default), "
                                                  "journal:<file>, or any SQLAlchemy URL")
     p.add_argument("--study-name", default="", help="Optuna study; same name + storage = resume")
-    p.add_argument("--timeout", default="", help="seconds after which no new trial starts")
-    p.add_argument("--workers", default="", help="local worker processes (default 1)")
-    p.add_argument("--seed", default="", help="sampler seed (default: the file's)")
-    p.add_argument("--train-limit", default="", help="data.train_limit: train on the first N images")
-    p.add_argument("--test-limit", default="", help="data.test_limit (reporting only)")
-    p.add_argument("--max-params", default="", help="the hard parameter budget (default: the "
-                                                      "file's search.max_params, 8,000)")
-    p.add_argument("--experiment", default="", help="MLflow experiment (default mnist-mlflow, "
-                                                    "or the one `mlflow run` set)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="run-config override for every trial, e.g. --set data.val_size=5000 "
-                        "(repeatable; one argument may hold several, space-separated)")
+    cli.add(p, "--timeout", float, 0, help="seconds after which no new trial starts")
+    cli.add(p, "--workers", int, 1, help="local worker processes (default 1)")
+    cli.add(p, "--seed", int, 0, help="sampler seed (default: the file's)")
+    cli.add(p, "--max-params", int, 1, help="the hard parameter budget (default: the file's "
+                                            "search.max_params, 8,000)")
+    cli.add_overrides(p, *CONFIG_FLAGS, helps={"epochs": "optim.epochs of every trial (no longer searched)",
+                                               "test_limit": "data.test_limit (reporting only)"},
+                      set_help="run-config override for every trial, e.g. --set data.val_size=5000 "
+                               "(repeatable; one argument may hold several, space-separated)")
+    cli.add_experiment(p)
     a = p.parse_args(argv)
     return Options(
-        config=a.config, n_trials=_number(int, "n-trials", a.n_trials, 1),
-        epochs=_number(int, "epochs", a.epochs, 1), storage=a.storage or None,
-        study_name=a.study_name or None, timeout=_number(float, "timeout", a.timeout, 0),
-        workers=_number(int, "workers", a.workers, 1) or 1, seed=_number(int, "seed", a.seed, 0),
-        train_limit=_number(int, "train-limit", a.train_limit, 1),
-        test_limit=_number(int, "test-limit", a.test_limit, 1), experiment=a.experiment,
-        max_params=_number(int, "max-params", a.max_params, 1),
-        overrides=tuple(o for item in a.overrides for o in item.split()),
-        study_trials=_number(int, "study-trials", a.study_trials, 1),
-        heartbeat=_number(int, "heartbeat", a.heartbeat, 1))
+        config=a.config, n_trials=a.n_trials, epochs=a.epochs, storage=a.storage or None,
+        study_name=a.study_name or None, timeout=a.timeout, workers=a.workers or 1, seed=a.seed,
+        train_limit=a.train_limit, test_limit=a.test_limit, experiment=a.experiment,
+        max_params=a.max_params, overrides=tuple(o for item in a.overrides for o in item.split()),
+        study_trials=a.study_trials, heartbeat=a.heartbeat)
 
 
 def print_result(r: SearchResult) -> None:
