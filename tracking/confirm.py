@@ -39,10 +39,11 @@ from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
 from tracking import cli, consistency, runs
 from tracking.signals import sigterm_as_interrupt
-from tracking.search_space import SearchSpec, load_search
-from tracking.search_study import open_storage, redact
+from tracking.search import names as N
+from tracking.search.plan import DEFAULT_CONFIG
+from tracking.search.space import SearchSpec, load_search
+from tracking.search.study import open_storage, redact
 
-DEFAULT_CONFIG = "experiments/search.yaml"
 STAGE3 = cli.STAGE3  # what recipe.yaml extends
 PRECISIONS = ("bf16", "fp32")
 CONFIG_FLAGS = ("epochs", "train_limit", "test_limit")  # the cli.OVERRIDES of every run
@@ -85,7 +86,7 @@ def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
         raise ConfirmError(f"study {study.study_name!r} has {len(study.directions)} objectives; "
                            "confirm ranks by one")
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if "config" in t.user_attrs and t.value is not None]
+            if N.CONFIG in t.user_attrs and t.value is not None]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return sorted(done, key=lambda t: (-t.value if maximize else t.value, t.number))[:k]
 
@@ -100,7 +101,7 @@ def fixed_values(spec: SearchSpec, overrides: dict) -> dict:
 
 def trial_config(trial: optuna.trial.FrozenTrial, fixed: dict) -> C.RunConfig:
     try:
-        return C.from_dict({}, {**trial.user_attrs["config"], **fixed, "stage": "confirm"})
+        return C.from_dict({}, {**trial.user_attrs[N.CONFIG], **fixed, "stage": "confirm"})
     except C.ConfigError as exc:
         raise ConfirmError(f"trial {trial.number}'s config does not fit this code: {exc}") from exc
 
@@ -202,7 +203,7 @@ def final(plan: Plan, winner: Candidate, mnist: Mnist) -> tuple[list[runs.RunOut
 def run_confirm(plan: Plan, mnist: Mnist) -> str:
     """Everything under one parent run (the active one under `mlflow run`); returns its id."""
     with runs.tracked_run(run_name="confirm", tags={"stage": "confirm", "confirm_role": "parent",
-                                                    "optuna.study_name": plan.study_name}) as parent:
+                                                    N.STUDY_TAG: plan.study_name}) as parent:
         log_plan(plan)
         screens = screen(plan, mnist)
         scores = R.rank([c.name for c in plan.candidates], screens)

@@ -36,11 +36,11 @@ from mlflow.exceptions import MlflowException
 from mnist_mlflow import config as C
 from tracking import cli, confirm, promote, runs
 from tracking.signals import Interrupted, sigterm_as_interrupt
-from tracking.search_space import load_search
-from tracking.search_study import redact
+from tracking.search import names as N
+from tracking.search.plan import DEFAULT_CONFIG
+from tracking.search.space import load_search
+from tracking.search.study import redact
 
-DEFAULT_CONFIG = "experiments/search.yaml"
-PARENT_TAG = "mlflow.parentRunId"
 OUTPUT = "output.txt"  # each step's stdout and stderr, on its run
 INTERRUPT_GRACE_S = 60  # for a step to end its runs after Ctrl-C, before it is terminated
 
@@ -96,7 +96,7 @@ def run_step(step: Step, parent_id: str, experiment_id: str) -> str:
     """Runs `step` in its own child run of `parent_id`; returns the child's id."""
     client = MlflowClient()
     child = client.create_run(experiment_id, run_name=step.name,
-                              tags={PARENT_TAG: parent_id, "tune_step": step.name})
+                              tags={N.PARENT_TAG: parent_id, "tune_step": step.name})
     run_id = child.info.run_id
     client.set_tag(parent_id, f"step.{step.name}.run_id", run_id)
     env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id,
@@ -151,8 +151,8 @@ def finish(client: MlflowClient, run_id: str, rc: int, lines: list[str]) -> None
 
 def run_tune(args: argparse.Namespace, storage: str, study: str) -> tuple[str, str]:
     """The chain under one parent run; returns (parent run id, promoted version)."""
-    with runs.tracked_run(run_name="tune", tags={"stage": "tune", "optuna.study_name": study,
-                                                 "optuna.storage": redact(storage)}) as parent:
+    with runs.tracked_run(run_name="tune", tags={"stage": "tune", N.STUDY_TAG: study,
+                                                 N.STORAGE_TAG: redact(storage)}) as parent:
         parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
         mlflow.log_params({"tune.config": args.config, "tune.study_name": study,
                            "tune.storage": redact(storage), "tune.model_name": args.model_name})

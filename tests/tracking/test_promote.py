@@ -23,6 +23,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow.models import TinyNet, count_params
 from tests.conftest import ROOT
 from tracking import promote as P
+from tracking import registry
 from tracking.runs import RunOutcome, run_training
 
 
@@ -173,7 +174,7 @@ def test_a_promoter_that_lost_the_race_keeps_the_lowest_version_and_deletes_its_
     # The race, replayed in one process: another promoter registered the run between our
     # check and our create. Both versions exist for a moment; ours (the higher) goes.
     client = MlflowClient()
-    P.ensure_registered_model(client, "lost-race")
+    registry.ensure_registered_model(client, "lost-race")
     cand, _ = P.select_run(client, P.experiment_ids(client, "main"), P.Criteria(min(store.b_acc), 2, 8000))
     other = client.create_model_version("lost-race", source=cand.model_uri, run_id=cand.run_id,
                                         model_id=cand.model_uri.removeprefix("models:/"))
