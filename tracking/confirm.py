@@ -17,6 +17,10 @@ All as nested MLflow runs under one parent run:
    the keys that differ from experiments/stage3.yaml.
 
 Exit codes: 0 done; 2 bad input (nothing created); 130 interrupted (runs ended KILLED).
+
+Over 300 lines on purpose: the procedure reads in the order it runs (candidates, numerics,
+screening, final runs, what the parent logs, the CLI); its pure decisions and tables are
+tracking/confirm_report.py.
 """
 
 from __future__ import annotations

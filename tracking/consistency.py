@@ -2,8 +2,9 @@
 
     python -m tracking.consistency experiments/stage3.yaml --seeds 5
 
-The parent logs how many seeds held the target (>= 99.4% for 4 epochs within the run's
-epochs), when each hold completed, and final and best test accuracy (mean, std, min).
+The parent logs how many seeds held the config's target (test accuracy >= target.accuracy
+for target.hold epochs within the run's epochs), when each hold completed, and final and best
+test accuracy (mean, std, min).
 """
 
 from __future__ import annotations

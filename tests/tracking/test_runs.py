@@ -1,5 +1,4 @@
 import subprocess
-import sys
 
 import mlflow
 import numpy as np
@@ -107,19 +106,6 @@ def test_bad_input_is_a_clear_error_and_creates_no_run(args, message, tracking_u
     assert stage.main([str(ROOT / "experiments/stage3.yaml"), "--no-progress", *args]) == 2
     assert message in capsys.readouterr().err
     assert _statuses() == []
-
-
-def test_sigterm_ends_the_run_killed(tmp_path, tracking_uri):
-    script = (
-        "import os, signal, mlflow\n"
-        "from tracking import runs, signals\n"
-        "with signals.sigterm_as_interrupt():\n"
-        "    with runs.tracked_run(run_name='t'):\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0 and "Interrupted" in proc.stderr
-    assert _statuses() == ["KILLED"]
 
 
 @pytest.mark.slow
