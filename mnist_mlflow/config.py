@@ -52,6 +52,7 @@ class ModelConfig:
 class AugmentConfig:
     rotation_degrees: float = 0.0  # uniform in [-d, +d]
     thickness_prob: float = 0.0  # chance of a 3x3 dilation or erosion (half each)
+    translate_px: float = 0.0  # shift uniform in [-t, +t] pixels, each axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,7 @@ def validate(c: RunConfig) -> None:
            "0 <= degrees <= 180")
     _check(0.0 <= a.thickness_prob <= 1.0, "augment.thickness_prob", a.thickness_prob,
            "a probability in [0, 1]")
+    _check(0.0 <= a.translate_px <= 14.0, "augment.translate_px", a.translate_px, "0 <= translate_px <= 14")
     _check(o.lr > 0, "optim.lr", o.lr, "lr > 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "weight_decay >= 0")

@@ -60,6 +60,18 @@ def hardware(cpuinfo_path: str | Path = "/proc/cpuinfo") -> dict[str, str | int 
     return info
 
 
+def bf16_warning(precision: str, device: str, cpuinfo_path: str | Path = "/proc/cpuinfo") -> str | None:
+    """A line for a user who asked for bf16 on a CPU that has to emulate it (no AVX-512 BF16,
+    no AMX): oneDNN then converts every tensor and the run is slower than in fp32."""
+    if precision != "bf16" or device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return None
+    _, flags = cpuinfo(cpuinfo_path)
+    if not flags or flags & {"amx_bf16", "avx512_bf16"}:
+        return None  # native bf16, or a CPU we cannot read (no claim either way)
+    return ("mnist-mlflow: warning: precision=bf16 on a CPU without AVX-512 BF16 or AMX: bf16 is "
+            "emulated here and slower than fp32 (use --set precision=fp32)")
+
+
 def params() -> dict[str, str | int | bool]:
     """`hardware()` as run params, prefixed `hw.`."""
     return {f"hw.{k}": v for k, v in hardware().items()}

@@ -12,6 +12,7 @@ tracking/checkpoints.py, signals in tracking/signals.py.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -115,6 +116,8 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
     resolve_device(cfg.device)  # device=cuda without CUDA: no run is created
     model, mean, std = init_model(cfg, splits.train_x)  # BudgetError here: no run is created
     n_threads = resumed_threads(resume_run_id) if resume_run_id else T.resolve(cfg.threads)
+    if (warning := hardware.bf16_warning(cfg.precision, cfg.device)) and progress:
+        print(warning, file=sys.stderr, flush=True)
     params = {**C.flatten(cfg), THREADS_PARAM: n_threads, "num_params": count_params(model),
               "data.digest": mnist.digest,
               "data.source": mnist.source, "data.mean": round(mean, 6), "data.std": round(std, 6),

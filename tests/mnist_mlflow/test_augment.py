@@ -53,3 +53,25 @@ def test_thickness_changes_ink_and_keeps_labels():
     out = augment_batch(x, AugmentConfig(thickness_prob=1.0), torch.Generator().manual_seed(0))
     assert out.shape == x.shape and labels.tolist() == [3, 7]
     assert not torch.equal(out, x)
+
+
+def test_shift_moves_a_pixel_right_and_down_by_whole_pixels():
+    out = rotate(_dot(14, 10), torch.zeros(1), torch.tensor([[3.0, -2.0]]))
+    assert _peak(out) == (12, 13)
+    assert (out.max() - 255.0).abs() < 1e-3  # a whole-pixel shift resamples exactly
+
+
+def test_shift_is_random_per_image_bounded_and_off_by_default():
+    x = _dot(14, 14).repeat(64, 1, 1, 1)
+    out = augment_batch(x, AugmentConfig(translate_px=2.0), torch.Generator().manual_seed(0))
+    # the ink's centre of mass moves by at most 2 px on each axis, differently per image
+    grid = torch.arange(28.0)
+    cy = (out[:, 0].sum(2) * grid).sum(1) / out[:, 0].sum((1, 2))
+    cx = (out[:, 0].sum(1) * grid).sum(1) / out[:, 0].sum((1, 2))
+    assert (cy - 14).abs().max() <= 2.0 + 1e-4 and (cx - 14).abs().max() <= 2.0 + 1e-4
+    assert cx.std() > 0.5 and cy.std() > 0.5
+    # without a shift the rotation draws the same angles as before the option existed
+    a = augment_batch(x, AugmentConfig(rotation_degrees=6.9), torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    b = rotate(x, (2 * torch.rand(64, generator=g) - 1) * 6.9)
+    assert torch.equal(a, b)

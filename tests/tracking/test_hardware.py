@@ -41,3 +41,16 @@ def test_every_run_logs_its_hardware_and_thread_count(mnist, tiny_config, tracki
     expected = {f"hw.{k}": str(v) for k, v in hardware.hardware().items() if k != "threads"}
     assert expected.items() <= params.items()
     assert params["hw.threads"] == "1"  # the count the run trained with, not the process default
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(tmp_path):
+    native, avx2, empty = tmp_path / "native", tmp_path / "avx2", tmp_path / "empty"
+    native.write_text(CPUINFO)
+    avx2.write_text(CPUINFO.replace(" avx512f avx512_bf16 amx_bf16 amx_tile", ""))
+    empty.write_text("")
+    warning = hardware.bf16_warning("bf16", "cpu", avx2)
+    assert warning and "precision=bf16" in warning and "precision=fp32" in warning
+    assert hardware.bf16_warning("fp32", "cpu", avx2) is None
+    assert hardware.bf16_warning("bf16", "cpu", native) is None
+    assert hardware.bf16_warning("bf16", "cuda", avx2) is None
+    assert hardware.bf16_warning("bf16", "cpu", empty) is None  # unknown CPU: no claim
