@@ -49,6 +49,7 @@ from mnist_mlflow.evaluation import hold_summary
 from mnist_mlflow.models import build_model, count_params
 from mnist_mlflow.train import (fit, init_model, make_autocast, make_ema, make_optimizer, make_scheduler,
                                 train_step)
+from tracking import cli
 from tracking.runs import tracked_run
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
@@ -222,19 +223,15 @@ def threads_setting(value: str) -> int | str:
     return int(value)
 
 
-def optional_int(value: str) -> int | None:
-    return int(value) if value.strip() else None  # `mlflow run` passes unset parameters as ""
-
-
 def main(argv=None) -> list[tuple[C.RunConfig, Outcome]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--epochs", type=optional_int, default=None,
+    p.add_argument("--epochs", type=cli.typed("epochs"), default=None,
                    help="every variant's optim.epochs (default: its own, 15 before, stage 3's after)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--train-limit", type=optional_int, default=None, help="default: all 60,000 images")
-    p.add_argument("--test-limit", type=optional_int, default=None, help="default: all 10,000 images")
+    p.add_argument("--train-limit", type=cli.typed("train-limit"), default=None, help="default: all 60,000 images")
+    p.add_argument("--test-limit", type=cli.typed("test-limit"), default=None, help="default: all 10,000 images")
     p.add_argument("--threads", type=threads_setting, default="auto",
                    help="torch threads for every variant: a count, or auto (default)")
     p.add_argument("--no-track", action="store_true", help="print only, log nothing to MLflow")

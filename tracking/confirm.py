@@ -17,6 +17,10 @@ All as nested MLflow runs under one parent run:
    the keys that differ from experiments/stage3.yaml.
 
 Exit codes: 0 done; 2 bad input (nothing created); 130 interrupted (runs ended KILLED).
+
+Over 300 lines on purpose: the procedure reads in the order it runs (candidates, numerics,
+screening, final runs, what the parent logs, the CLI); its pure decisions and tables are
+tracking/confirm_report.py.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import argparse
 import contextlib
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 import mlflow
@@ -38,14 +41,16 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
-from tracking import consistency, runs
-from tracking.search_space import SearchSpec, load_search
-from tracking.search_study import open_storage, redact
-from tracking.stage import check_server, use_experiment
+from tracking import cli, consistency, runs
+from tracking.signals import sigterm_as_interrupt
+from tracking.search import names as N
+from tracking.search.plan import DEFAULT_CONFIG
+from tracking.search.space import SearchSpec, load_search
+from tracking.search.study import open_storage, redact
 
-DEFAULT_CONFIG = "experiments/search.yaml"
-STAGE3 = runs.PACKAGE_DIR.parent / "experiments" / "stage3.yaml"  # what recipe.yaml extends
+STAGE3 = cli.STAGE3  # what recipe.yaml extends
 PRECISIONS = ("bf16", "fp32")
+CONFIG_FLAGS = ("epochs", "train_limit", "test_limit")  # the cli.OVERRIDES of every run
 RECIPE = "recipe.yaml"
 # Where two candidates differ only here, screening would train the same runs twice.
 SCREEN_VARIES = ("stage", "seed", "precision", "threads")
@@ -85,7 +90,7 @@ def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
         raise ConfirmError(f"study {study.study_name!r} has {len(study.directions)} objectives; "
                            "confirm ranks by one")
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if "config" in t.user_attrs and t.value is not None]
+            if N.CONFIG in t.user_attrs and t.value is not None]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return sorted(done, key=lambda t: (-t.value if maximize else t.value, t.number))[:k]
 
@@ -100,7 +105,7 @@ def fixed_values(spec: SearchSpec, overrides: dict) -> dict:
 
 def trial_config(trial: optuna.trial.FrozenTrial, fixed: dict) -> C.RunConfig:
     try:
-        return C.from_dict({}, {**trial.user_attrs["config"], **fixed, "stage": "confirm"})
+        return C.from_dict({}, {**trial.user_attrs[N.CONFIG], **fixed, "stage": "confirm"})
     except C.ConfigError as exc:
         raise ConfirmError(f"trial {trial.number}'s config does not fit this code: {exc}") from exc
 
@@ -194,8 +199,7 @@ def final(plan: Plan, winner: Candidate, mnist: Mnist) -> tuple[list[runs.RunOut
             outcomes.append(o)
             rows.append(R.final_row(seed, precision, o.run_id, o.hold,
                                     [h.test_accuracy for h in o.result.history]))
-            line = runs.summary_text(cfg, o.hold, runs.count_params(o.result.model),
-                                     o.result.history).splitlines()
+            line = o.summary(cfg).splitlines()
             print(f"final seed {seed} {precision}: {line[1]}; {line[2]}", flush=True)
     return outcomes, rows
 
@@ -203,7 +207,7 @@ def final(plan: Plan, winner: Candidate, mnist: Mnist) -> tuple[list[runs.RunOut
 def run_confirm(plan: Plan, mnist: Mnist) -> str:
     """Everything under one parent run (the active one under `mlflow run`); returns its id."""
     with runs.tracked_run(run_name="confirm", tags={"stage": "confirm", "confirm_role": "parent",
-                                                    "optuna.study_name": plan.study_name}) as parent:
+                                                    N.STUDY_TAG: plan.study_name}) as parent:
         log_plan(plan)
         screens = screen(plan, mnist)
         scores = R.rank([c.name for c in plan.candidates], screens)
@@ -284,97 +288,61 @@ def data_note(cfg: C.RunConfig) -> str:
 
 # ---------------------------------------------------------------- CLI
 
-def int_list(name: str, text: str, minimum: int) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfirmError(f"--{name}={text!r} is not allowed: comma-separated integers") from None
-    if not values or min(values) < minimum:
-        raise ConfirmError(f"--{name}={text!r} is not allowed: integers >= {minimum}")
-    return values
-
-
-def precision_list(name: str, text: str) -> tuple[str, ...]:
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not values or not set(values) <= set(PRECISIONS):
-        raise ConfirmError(f"--{name}={text!r} is not allowed: comma-separated {' and/or '.join(PRECISIONS)}")
-    return values
-
-
-def count(name: str, text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfirmError(f"--{name}={text!r} is not an integer") from None
-    if value < minimum:
-        raise ConfirmError(f"--{name}={text!r} is not allowed: {minimum} or more")
-    return value
-
-
-def overrides_of(args: argparse.Namespace) -> dict:
-    out = {}
-    for path, text in (("optim.epochs", args.epochs), ("data.train_limit", args.train_limit),
-                       ("data.test_limit", args.test_limit)):
-        if text not in ("", None):
-            out[path] = count(path, text, 1)
-    for item in args.overrides:
-        out.update(C.parse_override(o) for o in item.split())
-    return out
-
-
 def make_plan(args: argparse.Namespace) -> Plan:
     """Every check that needs no run: arguments, search file, study, configs, budget."""
-    overrides = overrides_of(args)
-    top, seeds, final_seeds = (count("top", args.top, 0), count("seeds", args.seeds, 1),
-                               count("final-seeds", args.final_seeds, 1))
-    precisions, threads = precision_list("precisions", args.precisions), int_list("threads", args.threads, 1)
-    final_precisions = precision_list("final-precisions", args.final_precisions)
+    overrides = cli.overrides(args, CONFIG_FLAGS)
+    precisions = cli.choice_list("precisions", args.precisions, PRECISIONS)
+    threads = cli.int_list("threads", args.threads, 1)
+    final_precisions = cli.choice_list("final-precisions", args.final_precisions, PRECISIONS)
     spec = load_search(args.config, overrides)
     s = spec.settings
     storage, study_name = args.storage or s.storage, args.study_name or s.study_name
-    candidates = load_candidates(spec, storage, study_name, top, overrides)
+    candidates = load_candidates(spec, storage, study_name, args.top, overrides)
     for c in candidates:
         build_model(c.config.model)  # BudgetError: over budget, nothing trains
-    return Plan(spec, tuple(candidates), tuple(range(1, seeds + 1)), precisions, threads,
-                tuple(range(1, final_seeds + 1)), final_precisions,
+    return Plan(spec, tuple(candidates), tuple(range(1, args.seeds + 1)), precisions, threads,
+                tuple(range(1, args.final_seeds + 1)), final_precisions,
                 spec.base.target.accuracy + getattr(s, "val_margin", 0.0), study_name, storage)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tracking.confirm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
-    p.add_argument("--storage", default="", help="Optuna storage (default: the search file's)")
-    p.add_argument("--study-name", default="", help="Optuna study (default: the search file's)")
-    p.add_argument("--top", default="3", help="best COMPLETE trials to screen, besides the base config")
-    p.add_argument("--seeds", default="2", help="screening seeds 1..N")
-    p.add_argument("--precisions", default="bf16,fp32", help="screening precisions")
-    p.add_argument("--threads", default="1,2", help="screening torch thread counts")
-    p.add_argument("--final-seeds", default="10", help="final seeds 1..N (all 60,000 images)")
-    p.add_argument("--final-precisions", default="bf16,fp32", help="final precisions")
-    p.add_argument("--epochs", default="", help="optim.epochs of every run (quick looks)")
-    p.add_argument("--train-limit", default="", help="data.train_limit of every run (quick looks)")
-    p.add_argument("--test-limit", default="", help="data.test_limit of every run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run (repeatable; space-separated in one argument)")
-    p.add_argument("--experiment", default="", help="MLflow experiment (default mnist-mlflow, "
-                                                    "or the one `mlflow run` set)")
+def parser() -> cli.Parser:
+    p = cli.parser("python -m tracking.confirm", __doc__)
+    add_step_arguments(p, {"top": "3", "seeds": "2", "precisions": "bf16,fp32", "threads": "1,2",
+                           "final_seeds": "10", "final_precisions": "bf16,fp32"})
+    cli.add_experiment(p)
     return p
 
 
+def add_step_arguments(p: argparse.ArgumentParser, defaults: dict[str, str], what: str = "") -> None:
+    """The flags of confirm (`what`: how tune names the step), with its defaults shown; '' keeps
+    those defaults."""
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
+    p.add_argument("--storage", default="", help="Optuna storage (default: the search file's)")
+    p.add_argument("--study-name", default="", help="Optuna study (default: the search file's)")
+    counts = {"top": (0, "best COMPLETE trials to screen, besides the base config"),
+              "seeds": (1, "screening seeds 1..N"),
+              "final_seeds": (1, "final seeds 1..N (all 60,000 images)")}
+    for dest, (minimum, help_text) in counts.items():
+        cli.add(p, "--" + dest.replace("_", "-"), int, minimum, unset=int(defaults[dest]),
+                help=f"{what}{help_text} (default {defaults[dest]})")
+    for dest, help_text in (("precisions", "screening precisions"), ("threads", "screening torch "
+                            "thread counts"), ("final_precisions", "final precisions")):
+        p.add_argument("--" + dest.replace("_", "-"), type=lambda text, d=defaults[dest]: text or d,
+                       default="", help=f"{what}{help_text} (default {defaults[dest]})")
+    cli.add_overrides(p, *CONFIG_FLAGS, helps={"epochs": "optim.epochs of every run (quick looks)",
+                                               "train_limit": "data.train_limit of every run (quick looks)",
+                                               "test_limit": "data.test_limit of every run"},
+                      set_help="config override for every run (repeatable; space-separated in one argument)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    # Empty strings are MLproject's "unset": the defaults apply.
-    for name, default in (("top", "3"), ("seeds", "2"), ("precisions", "bf16,fp32"), ("threads", "1,2"),
-                          ("final_seeds", "10"), ("final_precisions", "bf16,fp32"),
-                          ("config", DEFAULT_CONFIG)):
-        if getattr(args, name) == "":
-            setattr(args, name, default)
     try:
-        check_server(mlflow.get_tracking_uri())
+        args = parser().parse_args(argv)
+        args.config = args.config or DEFAULT_CONFIG  # '' is MLproject's unset
+        cli.check_server()
         plan = make_plan(args)
         mnist, _ = runs.prepare(plan.spec.base)
-        use_experiment(args.experiment)
+        cli.use_experiment(args.experiment)
     except (ConfirmError, C.ConfigError, BudgetError, DataError, MlflowException,
             sqlalchemy.exc.SQLAlchemyError) as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
@@ -384,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
           f"on validation (threshold {plan.threshold:g}%), then {len(plan.final_seeds) * len(plan.final_precisions)} "
           "final runs", flush=True)
     try:
-        with runs.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             run_id = run_confirm(plan, mnist)
     except KeyboardInterrupt:
         print("interrupted: the runs so far are KILLED or FINISHED", file=sys.stderr)

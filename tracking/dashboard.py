@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from tracking.search_study import redact
+from tracking.search.study import redact
 
 DEFAULT_PORT = 8080  # optuna-dashboard's own default
 

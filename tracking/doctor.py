@@ -13,18 +13,16 @@ fixed (no --fix); 2 bad arguments or an unreachable store.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Iterator, Optional
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
-from tracking import liveness
-from tracking.stage import check_server
+from mnist_mlflow import config as C
+from tracking import cli, liveness
 
 
 def running_runs(client: MlflowClient, experiment: Optional[str]) -> Iterator[Run]:
@@ -59,17 +57,16 @@ def mark_failed(client: MlflowClient, run_id: str, stale_s: float) -> Optional[l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tracking.doctor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m tracking.doctor", __doc__)
     p.add_argument("--fix", action="store_true", help="end the dead runs FAILED, with the reason")
     p.add_argument("--experiment", default="", help="only this experiment (default: all)")
-    p.add_argument("--stale-after", type=float, default=liveness.STALE_S, metavar="SECONDS",
-                   help="a heartbeat older than this means the owner is gone (default %(default)g)")
-    args = p.parse_args(argv)
-    if args.stale_after <= 0:
-        p.error(f"--stale-after {args.stale_after:g} is not allowed: more than 0 seconds")
+    cli.add(p, "--stale-after", float, unset=liveness.STALE_S, metavar="SECONDS",
+            help=f"a heartbeat older than this means the owner is gone (default {liveness.STALE_S:g})")
     try:
-        check_server(mlflow.get_tracking_uri())
+        args = p.parse_args(argv)
+        if args.stale_after <= 0:
+            raise C.ConfigError(f"--stale-after={args.stale_after:g} is not allowed: more than 0 seconds")
+        cli.check_server()
         client = MlflowClient()
         found = [(run, liveness.judge(run, args.stale_after))
                  for run in running_runs(client, args.experiment or None)]
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 if mark_failed(client, run.info.run_id, args.stale_after) is not None:
                     fixed += 1
                     print(f"marked FAILED: {run.info.run_id}")
-    except MlflowException as exc:
+    except (C.ConfigError, MlflowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     alive = sum(v.alive for _, v in found)

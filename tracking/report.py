@@ -8,11 +8,13 @@ how the README's results table is produced.
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from tracking.stage import DEFAULT_EXPERIMENT
+from mnist_mlflow import config as C
+from tracking import cli
 
 
 def seconds_to(client: MlflowClient, run_id: str, epoch: float | None) -> str:
@@ -58,13 +60,19 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tracking.report", description=__doc__)
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser("python -m tracking.report", __doc__)
+    p.add_argument("--experiment", default=cli.DEFAULT_EXPERIMENT)
     p.add_argument("--stage", default=None, help="only this stage, e.g. stage3")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+        cli.check_server()
+    except (C.ConfigError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(markdown(rows(args.experiment, args.stage)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

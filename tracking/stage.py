@@ -9,7 +9,6 @@ uninterrupted run would have had.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
@@ -20,54 +19,10 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from mnist_mlflow.train import Diverged, resolve_device
-from tracking import runs
+from tracking import checkpoints, cli, runs
 from tracking.mlflow_run import keep_status_after_parent, record_setup_error, stop_with_parent
-from tracking.store import check_server, check_store  # noqa: F401 - check_server: promote's import
-
-DEFAULT_EXPERIMENT = "mnist-mlflow"
-
-
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """Shortcuts for the most used overrides; empty strings (MLproject defaults) mean 'unset'."""
-    p.add_argument("--epochs", default="", help="optim.epochs")
-    p.add_argument("--seed", default="", help="seed")
-    p.add_argument("--train-limit", default="", help="data.train_limit: train on the first N images")
-    p.add_argument("--test-limit", default="", help="data.test_limit")
-    p.add_argument("--data-dir", default="", help="folder of MNIST IDX files instead of the cached wheel")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config override, e.g. --set schedule.name=step (repeatable; a single "
-                        "argument may hold several, space-separated)")
-    p.add_argument("--experiment", default="", help=f"MLflow experiment (default {DEFAULT_EXPERIMENT}, "
-                                                    "or the one `mlflow run` set)")
-
-
-def overrides_from(args: argparse.Namespace) -> list[str]:
-    out = []
-    for key, name in (("optim.epochs", "epochs"), ("seed", "seed"), ("data.train_limit", "train_limit"),
-                      ("data.test_limit", "test_limit")):
-        if getattr(args, name) not in ("", None):
-            out.append(f"{key}={getattr(args, name)}")
-    if args.data_dir:
-        out.append(f"data.data_dir={args.data_dir}")
-    for item in args.overrides:
-        out.extend(item.split())
-    return out
-
-
-def use_experiment(name: str) -> str:
-    """Inside `mlflow run` the experiment is already chosen; otherwise ours, or the one named.
-
-    This is also the first contact with the tracking store: an unusable one fails here.
-    Returns the experiment's id.
-    """
-    check_store()
-    if not name and "MLFLOW_EXPERIMENT_ID" in os.environ:
-        return mlflow.set_experiment(experiment_id=os.environ["MLFLOW_EXPERIMENT_ID"]).experiment_id
-    experiment = mlflow.set_experiment(name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                                       or DEFAULT_EXPERIMENT)
-    # MLflow 3.17 leaves the experiment inactive when another process created it at the same
-    # moment (several workers starting at once): activate it by id.
-    return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
+from tracking.signals import sigterm_as_interrupt
+from tracking.store import check_store
 
 
 def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
@@ -78,15 +33,15 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
     try:
         resume = getattr(args, "resume", "")
         if resume:
-            if overrides_from(args):
+            if cli.overrides(args):
                 raise C.ConfigError("--resume continues a run with its own config: drop the overrides")
             check_store()  # before any other store call can hang in retries
-            cfg = runs.config_of_run(resume)
-            runs.check_resumable(resume)  # fails now, not after loading data
+            cfg = checkpoints.config_of_run(resume)
+            checkpoints.check_resumable(resume)  # fails now, not after loading data
         else:
             if not args.config:
                 raise C.ConfigError("an experiment file is needed, e.g. experiments/stage3.yaml")
-            cfg = C.load(args.config, overrides_from(args))
+            cfg = C.load(args.config, cli.overrides(args))
             check_store()  # after the config: a bad file creates no store
         try:
             resolve_device(cfg.device)
@@ -98,8 +53,8 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
             experiment_id = mlflow.MlflowClient().get_run(resume).info.experiment_id
             mlflow.set_experiment(experiment_id=experiment_id)
         else:
-            use_experiment(args.experiment)
-    except (C.ConfigError, BudgetError, DataError, MlflowException, runs.ResumeError) as exc:
+            cli.use_experiment(args.experiment)
+    except (C.ConfigError, BudgetError, DataError, MlflowException, checkpoints.ResumeError) as exc:
         raise SetupError(str(exc)) from exc
     return cfg, mnist
 
@@ -113,27 +68,32 @@ def interrupted_line(exc: KeyboardInterrupt) -> str:
     if run_id is None:
         return "interrupted before a run was created"
     try:
-        runs.check_resumable(run_id)
+        checkpoints.check_resumable(run_id)
     except Exception as why:  # noqa: BLE001 - ResumeError, or a store gone away
         return f"interrupted: run {run_id} is KILLED; it cannot be resumed ({why})"
     return (f"interrupted: run {run_id} is KILLED; resume it with: "
             f"python -m tracking.stage --resume {run_id}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tracking.stage", description=__doc__)
+def parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m tracking.stage", __doc__)
     p.add_argument("config", nargs="?", default="", help="experiment file, e.g. experiments/stage3.yaml")
-    add_common_arguments(p)
+    cli.add_overrides(p, *cli.OVERRIDES)
+    cli.add_experiment(p)
     p.add_argument("--resume", default="", metavar="RUN_ID",
                    help="continue an interrupted run from its last checkpoint, in the same MLflow run")
     p.add_argument("--check", action="store_true",
                    help="check config, data, budget, device and store, then exit without a run")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     stop_with_parent()
     try:
+        args = parser().parse_args(argv)
         cfg, mnist = checked_setup(args)
-    except SetupError as exc:
+    except (SetupError, C.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         record_setup_error(str(exc))
         return 2
@@ -144,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {cfg.stage}, {cfg.optim.epochs} epochs, store {mlflow.get_tracking_uri()}")
         return 0
     try:
-        with runs.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress,
                                         checkpoints=True, resume_run_id=args.resume or None)
     except KeyboardInterrupt as exc:
@@ -155,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as exc:
         print(f"error: {exc}; run {getattr(exc, 'run_id', '?')} is FAILED", file=sys.stderr)
         return 1
-    print(runs.summary_text(cfg, outcome.hold, runs.count_params(outcome.result.model),
-                            outcome.result.history), end="")
+    print(outcome.summary(cfg), end="")
     print(f"run_id: {outcome.run_id}")
     return 0
 

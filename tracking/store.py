@@ -10,7 +10,6 @@ migrating the same new file at once break each other (alembic's `_alembic_tmp_*`
 from __future__ import annotations
 
 import fcntl
-import os
 import tempfile
 import urllib.error
 import urllib.parse

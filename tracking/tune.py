@@ -34,13 +34,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
-from tracking import confirm, promote, runs
-from tracking.search_space import load_search
-from tracking.search_study import redact
-from tracking.stage import check_server, use_experiment
+from tracking import cli, confirm, promote, runs
+from tracking.signals import Interrupted, sigterm_as_interrupt
+from tracking.search import names as N
+from tracking.search.plan import DEFAULT_CONFIG
+from tracking.search.space import load_search
+from tracking.search.study import redact
 
-DEFAULT_CONFIG = "experiments/search.yaml"
-PARENT_TAG = "mlflow.parentRunId"
 OUTPUT = "output.txt"  # each step's stdout and stderr, on its run
 INTERRUPT_GRACE_S = 60  # for a step to end its runs after Ctrl-C, before it is terminated
 
@@ -96,7 +96,7 @@ def run_step(step: Step, parent_id: str, experiment_id: str) -> str:
     """Runs `step` in its own child run of `parent_id`; returns the child's id."""
     client = MlflowClient()
     child = client.create_run(experiment_id, run_name=step.name,
-                              tags={PARENT_TAG: parent_id, "tune_step": step.name})
+                              tags={N.PARENT_TAG: parent_id, "tune_step": step.name})
     run_id = child.info.run_id
     client.set_tag(parent_id, f"step.{step.name}.run_id", run_id)
     env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id,
@@ -111,7 +111,7 @@ def run_step(step: Step, parent_id: str, experiment_id: str) -> str:
             lines.append(line)
         rc = proc.wait()
     except KeyboardInterrupt as exc:
-        rc = stop(proc, sigterm=isinstance(exc, runs.Interrupted))
+        rc = stop(proc, sigterm=isinstance(exc, Interrupted))
         finish(client, run_id, rc, lines)
         raise
     finish(client, run_id, rc, lines)
@@ -151,8 +151,8 @@ def finish(client: MlflowClient, run_id: str, rc: int, lines: list[str]) -> None
 
 def run_tune(args: argparse.Namespace, storage: str, study: str) -> tuple[str, str]:
     """The chain under one parent run; returns (parent run id, promoted version)."""
-    with runs.tracked_run(run_name="tune", tags={"stage": "tune", "optuna.study_name": study,
-                                                 "optuna.storage": redact(storage)}) as parent:
+    with runs.tracked_run(run_name="tune", tags={"stage": "tune", N.STUDY_TAG: study,
+                                                 N.STORAGE_TAG: redact(storage)}) as parent:
         parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
         mlflow.log_params({"tune.config": args.config, "tune.study_name": study,
                            "tune.storage": redact(storage), "tune.model_name": args.model_name})
@@ -171,62 +171,42 @@ def run_tune(args: argparse.Namespace, storage: str, study: str) -> tuple[str, s
 
 def check(args: argparse.Namespace) -> tuple[str, str]:
     """Every check that needs no run; returns (storage, study name)."""
-    overrides = confirm.overrides_of(args)
-    spec = load_search(args.config, overrides)
-    for name in ("n_trials", "top", "seeds", "final_seeds", "promote_hold"):
-        if getattr(args, name):
-            confirm.count(name.replace("_", "-"), getattr(args, name), 0 if name == "top" else 1)
+    spec = load_search(args.config, cli.overrides(args, confirm.CONFIG_FLAGS))
     for name in ("precisions", "final_precisions"):
-        if getattr(args, name):
-            confirm.precision_list(name.replace("_", "-"), getattr(args, name))
-    if args.threads:
-        confirm.int_list("threads", args.threads, 1)
-    try:
-        target = float(args.promote_target) if args.promote_target else 99.4
-    except ValueError:
-        raise confirm.ConfirmError(f"--promote-target={args.promote_target!r} is not a number") from None
-    promote.check_arguments(args.model_name, target, int(args.promote_hold or 4))
+        cli.choice_list(name.replace("_", "-"), getattr(args, name), confirm.PRECISIONS)
+    cli.int_list("threads", args.threads, 1)
+    crit = promote.Criteria.of(target=args.promote_target, hold=args.promote_hold)
+    promote.check_arguments(args.model_name, crit.target, crit.hold)
     return args.storage or spec.settings.storage, args.study_name or spec.settings.study_name
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tracking.tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
-    p.add_argument("--n-trials", default="", help="search: trials (default: the search file's)")
-    p.add_argument("--storage", default="", help="Optuna storage (default: the search file's)")
-    p.add_argument("--study-name", default="", help="Optuna study (default: the search file's); "
-                                                    "an existing one is resumed")
-    for flag, what in (("--top", "3"), ("--seeds", "2"), ("--precisions", "bf16,fp32"),
-                       ("--threads", "1,2"), ("--final-seeds", "10"), ("--final-precisions", "bf16,fp32")):
-        p.add_argument(flag, default="", help=f"confirm {flag} (default {what})")
-    p.add_argument("--epochs", default="", help="optim.epochs of every run (quick looks)")
-    p.add_argument("--train-limit", default="", help="data.train_limit of every run (quick looks)")
-    p.add_argument("--test-limit", default="", help="data.test_limit of every run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run of search and confirm")
+def parser() -> cli.Parser:
+    p = cli.parser("python -m tracking.tune", __doc__)
+    confirm.add_step_arguments(p, {"top": "3", "seeds": "2", "precisions": "bf16,fp32",
+                                   "threads": "1,2", "final_seeds": "10",
+                                   "final_precisions": "bf16,fp32"}, what="confirm: ")
+    cli.add(p, "--n-trials", int, 1, help="search: trials (default: the search file's)")
     p.add_argument("--model-name", default=promote.DEFAULT_MODEL_NAME)
-    p.add_argument("--promote-target", default="", help="promote --target (default 99.4); a quick "
-                                                        "look on tiny data needs a lower one")
-    p.add_argument("--promote-hold", default="", help="promote --hold (default 4)")
-    p.add_argument("--experiment", default="", help="MLflow experiment (default mnist-mlflow, "
-                                                    "or the one `mlflow run` set)")
+    cli.add(p, "--promote-target", float, help="promote --target (default: the stage 3 file's "
+                                               "target.accuracy); a quick look on tiny data needs a lower one")
+    cli.add(p, "--promote-hold", int, 1, help="promote --hold (default: target.hold)")
+    cli.add_experiment(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    args.config = args.config or DEFAULT_CONFIG
-    args.model_name = args.model_name or promote.DEFAULT_MODEL_NAME
     try:
-        check_server(mlflow.get_tracking_uri())
+        args = parser().parse_args(argv)
+        args.config = args.config or DEFAULT_CONFIG  # '' is MLproject's unset
+        args.model_name = args.model_name or promote.DEFAULT_MODEL_NAME
+        cli.check_server()
         storage, study = check(args)
-        use_experiment(args.experiment)
+        cli.use_experiment(args.experiment)
     except (confirm.ConfirmError, C.ConfigError, promote.PromotionError, MlflowException) as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     try:
-        with runs.sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             parent_id, version = run_tune(args, storage, study)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)

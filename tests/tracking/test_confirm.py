@@ -17,9 +17,10 @@ from optuna.distributions import FloatDistribution
 from mnist_mlflow import config as C
 from mnist_mlflow.evaluation import hold_summary
 from tests.conftest import ROOT
-from tests.tracking.test_search import ROTATION, options, write_search
-from tracking import confirm, search
-from tracking.search_study import open_storage
+from tests.tracking.search.helpers import ROTATION, options, write_search
+from tracking import confirm
+from tracking.search.run import run_search
+from tracking.search.study import open_storage
 from tracking import confirm_report as R
 
 STAGE3 = ROOT / "experiments/stage3.yaml"
@@ -99,7 +100,7 @@ def test_recipe_is_extends_stage3_plus_only_the_keys_that_differ(tmp_path):
 def study(tmp_path, mnist, tracking_uri):
     """A real 2-trial study on slivers of MNIST (tracking.search, as a user runs it)."""
     config = write_search(tmp_path, ROTATION)
-    result = search.run_search(options(tmp_path, config, n_trials=2), mnist=mnist)
+    result = run_search(options(tmp_path, config, n_trials=2), mnist=mnist)
     assert result.best is not None
     return config, options(tmp_path, config).storage, result
 

@@ -25,5 +25,5 @@ def test_seeds_run_nested_under_one_parent_with_summary(tracking_uri, capsys):
 
 def test_zero_seeds_is_refused_before_any_run(tracking_uri, capsys):
     assert consistency.main([str(ROOT / "experiments/stage3.yaml"), "--seeds", "0"]) == 2
-    assert "--seeds=0 is not allowed" in capsys.readouterr().err
+    assert "--seeds='0' is not allowed" in capsys.readouterr().err
     assert mlflow.search_runs(search_all_experiments=True).empty

@@ -17,8 +17,9 @@ import pytest
 
 from tests.services import (chromium_page, free_port, missing, page_shows, screenshot_folder, stop,
                             wait_until)
-from tests.tracking.test_search import ROTATION, write_search
-from tracking import dashboard, search
+from tests.tracking.search.helpers import ROTATION, write_search
+from tracking import dashboard
+from tracking.search import cli as search
 
 
 def test_the_command_opens_the_same_storage_from_any_folder(tmp_path, monkeypatch):

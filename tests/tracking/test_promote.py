@@ -23,6 +23,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow.models import TinyNet, count_params
 from tests.conftest import ROOT
 from tracking import promote as P
+from tracking import registry
 from tracking.runs import RunOutcome, run_training
 
 
@@ -173,8 +174,8 @@ def test_a_promoter_that_lost_the_race_keeps_the_lowest_version_and_deletes_its_
     # The race, replayed in one process: another promoter registered the run between our
     # check and our create. Both versions exist for a moment; ours (the higher) goes.
     client = MlflowClient()
-    P.ensure_registered_model(client, "lost-race")
-    cand, _ = P.select_run(client, P.experiment_ids(client, "main"), min(store.b_acc), 2)
+    registry.ensure_registered_model(client, "lost-race")
+    cand, _ = P.select_run(client, P.experiment_ids(client, "main"), P.Criteria(min(store.b_acc), 2, 8000))
     other = client.create_model_version("lost-race", source=cand.model_uri, run_id=cand.run_id,
                                         model_id=cand.model_uri.removeprefix("models:/"))
     kept, created = P.register(client, "lost-race", cand, "champion")
@@ -242,3 +243,14 @@ def test_a_run_whose_model_artifacts_are_gone_is_skipped_not_fatal(store):
             shutil.rmtree(leftover)
     with pytest.raises(P.NoCandidate, match="logged model cannot be loaded"):
         P.promote("lost", target=99.4, hold=2, experiment="lost")
+
+
+def test_target_hold_and_budget_are_the_experiment_files(tmp_path):
+    stage3 = C.load(ROOT / "experiments/stage3.yaml")
+    assert P.Criteria.of() == P.Criteria(stage3.target.accuracy, stage3.target.hold,
+                                         stage3.model.max_params)
+    (tmp_path / "small.yaml").write_text(f"extends: {ROOT / 'experiments/stage3.yaml'}\n"
+                                         "target: {accuracy: 99.0, hold: 2}\nmodel: {max_params: 7000}\n")
+    assert P.Criteria.of(tmp_path / "small.yaml") == P.Criteria(99.0, 2, 7000)
+    assert P.Criteria.of(tmp_path / "small.yaml", target=98.5) == P.Criteria(98.5, 2, 7000)
+    assert P.Criteria(99.0, 2, 7000).over_budget(7001) and not P.Criteria(99.0, 2, None).over_budget(10**6)

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from mnist_mlflow import config as C
 from tests.conftest import ROOT
-from tracking import runs, stage
+from tracking import checkpoints, runs, stage
 
 EPOCHS = 6  # enough that Ctrl-C lands mid-run: an epoch of 3,000 images takes about a second
 ARGS = ["--epochs", str(EPOCHS), "--train-limit", "3000", "--test-limit", "300", "--set", "optim.batch_size=32",
@@ -94,5 +94,5 @@ def test_a_signal_during_logging_waits_for_the_checkpoint(tracking_uri, mnist, t
                           on_epoch_end=lambda m: os.kill(os.getpid(), signum) if m.epoch == 1 else None)
     killed = only_run("KILLED")
     assert [s for s, _ in history(killed)] == [1]
-    assert runs.load_checkpoint(killed)["epoch"] == 1
+    assert checkpoints.load_checkpoint(killed)["epoch"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

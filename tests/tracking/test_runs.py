@@ -1,5 +1,4 @@
 import subprocess
-import sys
 
 import mlflow
 import numpy as np
@@ -79,6 +78,23 @@ def test_crash_ends_failed_and_ctrl_c_ends_killed(mnist, tiny_config, tracking_u
     assert sorted(_statuses()) == ["FAILED", "KILLED"]
 
 
+def test_a_stop_run_ends_the_run_killed_once_and_without_an_error(mnist, tiny_config, tracking_uri):
+    """What a pruned trial raises: the run is KILLED by the lifecycle itself, not re-ended."""
+    mlflow.set_experiment("test")
+
+    class Enough(runs.StopRun):
+        pass
+
+    def stop(_m):
+        raise Enough("stopped on purpose")
+
+    with pytest.raises(Enough) as info:
+        runs.run_training(tiny_config, mnist=mnist, on_epoch_end=stop, progress=False)
+    run = MlflowClient().get_run(info.value.run_id)
+    assert run.info.status == "KILLED" and "error" not in run.data.tags
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")] == [1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "schedule.name=cyclic"], "schedule.name='cyclic' is not allowed"),
     (["--epochs", "-1"], "optim.epochs=-1 is not allowed"),
@@ -90,19 +106,6 @@ def test_bad_input_is_a_clear_error_and_creates_no_run(args, message, tracking_u
     assert stage.main([str(ROOT / "experiments/stage3.yaml"), "--no-progress", *args]) == 2
     assert message in capsys.readouterr().err
     assert _statuses() == []
-
-
-def test_sigterm_ends_the_run_killed(tmp_path, tracking_uri):
-    script = (
-        "import os, signal, mlflow\n"
-        "from tracking import runs\n"
-        "with runs.sigterm_as_interrupt():\n"
-        "    with runs.tracked_run(run_name='t'):\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0 and "Interrupted" in proc.stderr
-    assert _statuses() == ["KILLED"]
 
 
 @pytest.mark.slow

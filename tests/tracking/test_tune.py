@@ -11,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
-from tests.tracking.test_search import ROTATION, write_search
+from tests.tracking.search.helpers import ROTATION, write_search
 from tracking import confirm, promote, tune
 
 QUICK = "data.val_size=500 device=cpu optim.batch_size=32 optim.ema_decay=0.9"

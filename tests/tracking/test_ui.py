@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 from mnist_mlflow import config as C
 from tests.services import (ROOT, chromium_binary, chromium_page, page_shows, screenshot_folder,
                             tracking_server)
-from tests.tracking.test_search import ROTATION, options, write_search
-from tracking import consistency, promote, runs, search
+from tests.tracking.search.helpers import ROTATION, options, write_search
+from tracking import consistency, promote, runs
+from tracking.search.run import run_search
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -69,7 +70,7 @@ def test_the_ui_lists_runs_nests_the_search_shows_the_champion_and_the_seeds_fig
                                        progress=False)
             history = [h.test_accuracy for h in second.result.history]
             promoted = promote.promote(target=min(history), hold=2, experiment="stages", mnist=mnist)
-            found = search.run_search(options(tmp_path, write_search(tmp_path, ROTATION), n_trials=3,
+            found = run_search(options(tmp_path, write_search(tmp_path, ROTATION), n_trials=3,
                                               experiment="search"), mnist=mnist)
             assert consistency.main([str(ROOT / "experiments/stage3.yaml"), "--seeds", "2",
                                      "--epochs", "1", "--train-limit", "500", "--test-limit", "300",

@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from mnist_mlflow import config as C
@@ -259,60 +257,6 @@ def _parse_when(path: str, when: dict[str, Any], earlier: list[Param], later: se
                                   f"choices are {list(prior.distribution.choices)}")
         out.append((cond, allowed))
     return tuple(out)
-
-
-# ---------------------------------------------------------------- sampling
-
-def sample_params(trial: optuna.Trial, space: tuple[Param, ...], base: C.RunConfig) -> dict[str, Any]:
-    """Suggests each active parameter under its config path; inactive ones keep the base value."""
-    values = C.flatten(base)
-    params: dict[str, Any] = {}
-    for p in space:
-        if not p.active(values):
-            continue
-        d = p.distribution
-        if isinstance(d, CategoricalDistribution):
-            v = trial.suggest_categorical(p.path, d.choices)
-        elif isinstance(d, IntDistribution):
-            v = trial.suggest_int(p.path, d.low, d.high, step=d.step, log=d.log)
-        else:
-            v = trial.suggest_float(p.path, d.low, d.high, step=d.step, log=d.log)
-        params[p.path] = values[p.path] = v
-    return params
-
-
-# A null width means "as an earlier one": the base's actual value, for the incumbent trial.
-WIDTH_DEFAULTS = {"model.width_transition": "model.width1", "model.width3": "model.width2",
-                  "model.width4": "model.width2", "model.width5": "model.width2"}
-
-
-def base_params(spec: SearchSpec) -> dict[str, Any]:
-    """The base config as values of the space (clipped into ranges; a categorical that lacks
-    the base's value is left to the sampler), for enqueueing it as the study's first trial."""
-    values = C.flatten(spec.base)
-    for path, source in WIDTH_DEFAULTS.items():
-        if values[path] is None:
-            values[path] = values[source]
-    out: dict[str, Any] = {}
-    for p in spec.space:
-        if not p.active(values):
-            continue
-        d, v = p.distribution, values[p.path]
-        if isinstance(d, CategoricalDistribution):
-            if v in d.choices:
-                out[p.path] = v
-        elif v is not None:
-            out[p.path] = min(max(v, d.low), d.high)
-    return out
-
-
-def make_sampler(settings: Settings, seed: Optional[int]) -> optuna.samplers.TPESampler:
-    """Multivariate TPE with `group`: conditional parameters are modelled together, not alone."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group`
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True,
-            n_startup_trials=settings.sampler.get("n_startup_trials", 10))
 
 
 def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:

@@ -14,8 +14,10 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
-from tracking.search_objective import TrialRuns
-from tracking.search_space import SearchSpec, base_params
+from tracking.search import names as N
+from tracking.search.sampling import base_params
+from tracking.search.space import SearchSpec
+from tracking.search.trial_runs import TrialRuns
 
 OBJECTIVE = "hold-epoch"  # the objective's name and version, stored with the study
 HEARTBEAT_S, MAX_RETRY = 60, 2  # RDB storage: a trial silent for 3 heartbeats is stale
@@ -35,16 +37,16 @@ class RetryAndCloseRun:
         self.max_retry, self.grace_s = max_retry, grace_s
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        trial.user_attrs = {**trial.user_attrs, "retry_of": trial.number}  # copied to the retry
+        trial.user_attrs = {**trial.user_attrs, N.RETRY_OF: trial.number}  # copied to the retry
         self.retry(study, trial)
         queued = len(trial.system_attrs.get("retry_history", [])) < self.max_retry
         attrs = trial.user_attrs
-        if "mlflow_parent_run_id" not in attrs:  # died before its objective began: no run yet
+        if N.PARENT_ATTR not in attrs:  # died before its objective began: no run yet
             return
-        runs = TrialRuns(attrs["mlflow_parent_run_id"], attrs["mlflow_experiment_id"],
-                         study.study_name, "search", attrs.get("worker", ""))
-        runs.close(trial.number, "FAIL", "FAILED", {
-            "error": f"worker {attrs.get('worker', '?')} lost: no heartbeat for {self.grace_s} s; "
+        runs = TrialRuns(attrs[N.PARENT_ATTR], attrs[N.EXPERIMENT_ATTR],
+                         study.study_name, "search", attrs.get(N.WORKER_ATTR, ""))
+        runs.close(trial.number, N.FAIL, "FAILED", {
+            "error": f"worker {attrs.get(N.WORKER_ATTR, '?')} lost: no heartbeat for {self.grace_s} s; "
                      + ("queued again" if queued else f"not retried (max {self.max_retry} retries)")})
 
 
@@ -102,19 +104,21 @@ def create_or_load(storage: optuna.storages.BaseStorage, name: str) -> tuple[opt
         return optuna.load_study(study_name=name, storage=storage), False
 
 
-def open_study(spec: SearchSpec, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
-    """Creates or loads the study; refuses to resume it under different fixed settings."""
+def open_study(spec: SearchSpec, storage: optuna.storages.BaseStorage,
+               name: str) -> tuple[optuna.Study, bool]:
+    """Creates or loads the study (and says which); refuses to resume it under different fixed
+    settings."""
     study, created = create_or_load(storage, name)
     check_settings(spec, study)
     if created:
         enqueue_base(spec, study)
-    return study
+    return study, created
 
 
 def enqueue_base(spec: SearchSpec, study: optuna.Study) -> None:
     """The base config (stage 3's recipe) as the first trial: the search starts from the incumbent."""
     if spec.settings.enqueue_base:
-        study.enqueue_trial(base_params(spec), user_attrs={"incumbent": True})
+        study.enqueue_trial(base_params(spec), user_attrs={N.INCUMBENT: True})
 
 
 def check_settings(spec: SearchSpec, study: optuna.Study) -> None:
@@ -135,11 +139,11 @@ def check_settings(spec: SearchSpec, study: optuna.Study) -> None:
 def requeue_interrupted(study: optuna.Study) -> list[int]:
     """Queues each Ctrl-C'd trial again once, with its params, ahead of new samples."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = {t.user_attrs.get(N.RETRY_OF) for t in trials}
     queued = []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        if t.state == TrialState.FAIL and t.user_attrs.get(N.INTERRUPTED) and t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={N.RETRY_OF: t.number})
             queued.append(t.number)
     return queued
 

@@ -6,11 +6,11 @@ including those of earlier invocations.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import warnings
 from collections import Counter
+from pathlib import Path
 from typing import Optional
 
 import mlflow
@@ -21,29 +21,28 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_mlflow import config as C
 from mnist_mlflow import figures  # its import also selects the headless matplotlib backend
-from pathlib import Path
-
-from tracking.search_space import WIDTH_DEFAULTS, SearchSpec
+from tracking.search import names as N
+from tracking.search.sampling import WIDTH_DEFAULTS
+from tracking.search.space import SearchSpec
 
 log = logging.getLogger(__name__)
 BEST_CONFIG = "best_config.yaml"
 
 
-KINDS = ("complete", "pruned", "rejected", "failed", "surplus", "unfinished")
-
-
-def trial_kind(t: FrozenTrial) -> str:
-    """One of KINDS; surplus: a shared search's trial started past the quota, never trained."""
+def trial_state(t: FrozenTrial) -> str:
+    """The trial's state as its run's `trial_state` tag says it (names.STATES), from Optuna's:
+    REJECTED and SURPLUS trials are PRUNED and FAIL there; RUNNING counts queued ones too."""
     if t.state == TrialState.PRUNED:
-        return "rejected" if "rejected" in t.user_attrs else "pruned"
-    if t.state == TrialState.FAIL and t.user_attrs.get("surplus"):
-        return "surplus"
-    return {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed"}.get(t.state, "unfinished")
+        return N.REJECTED if N.REJECTED_ATTR in t.user_attrs else N.PRUNED
+    if t.state == TrialState.FAIL and t.user_attrs.get(N.SURPLUS_ATTR):
+        return N.SURPLUS
+    return {TrialState.COMPLETE: N.COMPLETE, TrialState.FAIL: N.FAIL}.get(t.state, N.RUNNING)
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
-    c = Counter(trial_kind(t) for t in study.get_trials(deepcopy=False))
-    return {k: c.get(k, 0) for k in KINDS}
+    """Trials per state, every state present."""
+    c = Counter(trial_state(t) for t in study.get_trials(deepcopy=False))
+    return {s: c.get(s, 0) for s in N.STATES}
 
 
 def best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
@@ -60,7 +59,7 @@ def best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
 
 def best_config(trial: FrozenTrial) -> C.RunConfig:
     """The exact config the trial trained (stored with it), renamed stage `search-best`."""
-    flat = {**trial.user_attrs["config"], "stage": "search-best"}
+    flat = {**trial.user_attrs[N.CONFIG], "stage": "search-best"}
     return C.from_dict({}, flat)
 
 
@@ -68,11 +67,11 @@ def best_config_yaml(study: optuna.Study, trial: FrozenTrial, spec: SearchSpec) 
     """An experiment file for experiments/: stage 3's, with the trial's differences."""
     cfg = best_config(trial)
     parent = C.load(spec.extends) if spec.extends else C.RunConfig()
-    held = trial.user_attrs.get("val_hold_epoch")
+    held = trial.user_attrs.get(N.VAL_HOLD_EPOCH)
     header = (f"# Best trial of Optuna study {study.study_name!r}: trial {trial.number}, objective "
               f"{trial.value:.4f} ({objective_text(spec)}; "
               + (f"validation hold completed at epoch {held}" if held else "never held") +
-              f"), {trial.user_attrs['num_params']:,} parameters.\n"
+              f"), {trial.user_attrs[N.NUM_PARAMS]:,} parameters.\n"
               "# Copy it to experiments/ and train it as stage 3 does, on all 60,000 images:\n"
               "#   python -m tracking.stage experiments/best_config.yaml\n"
               "# or confirm it over seeds and numerics first: python -m tracking.confirm\n")
@@ -102,16 +101,16 @@ def log_summary(study: optuna.Study, spec: SearchSpec, run_id: str) -> Optional[
     """
     client = mlflow.MlflowClient()
     n = counts(study)
-    metrics = {f"n_{k}": v for k, v in n.items()}
+    metrics = {N.COUNT_METRICS[s]: v for s, v in n.items()}
     best = best_trial(study)
     if best is not None:
-        if best.user_attrs["num_params"] > spec.budget:  # cannot happen; never report it
+        if best.user_attrs[N.NUM_PARAMS] > spec.budget:  # cannot happen; never report it
             raise RuntimeError(f"best trial {best.number} is over the parameter budget")
         params = {**{f"best.{k}": v for k, v in best.params.items()}, "best.trial_number": best.number}
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         metrics["best_value"] = best.value
         client.set_tag(run_id, "best_trial_number", best.number)
-        client.set_tag(run_id, "best_trial_run_id", best.user_attrs.get("mlflow_run_id", ""))
+        client.set_tag(run_id, "best_trial_run_id", best.user_attrs.get(N.RUN_ATTR, ""))
         client.log_text(run_id, best_config_yaml(study, best, spec), BEST_CONFIG)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
@@ -123,9 +122,9 @@ def log_summary(study: optuna.Study, spec: SearchSpec, run_id: str) -> Optional[
 def log_trials_table(study: optuna.Study, client: mlflow.MlflowClient, run_id: str) -> None:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"number": t.number, "kind": trial_kind(t), "value": t.value,
-                     "num_params": t.user_attrs.get("num_params"),
-                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+        rows.append({"number": t.number, N.TRIAL_STATE: trial_state(t), "value": t.value,
+                     "num_params": t.user_attrs.get(N.NUM_PARAMS),
+                     "mlflow_run_id": t.user_attrs.get(N.RUN_ATTR),
                      "last_epoch": max(t.intermediate_values, default=None),
                      **{f"params.{k}": v for k, v in t.params.items()}})
     if rows:
@@ -142,7 +141,7 @@ def log_figures(study: optuna.Study, n: dict[str, int], client: mlflow.MlflowCli
     plots = {"optimization_history": ovm.plot_optimization_history,
              "parallel_coordinate": ovm.plot_parallel_coordinate,
              "intermediate_values": ovm.plot_intermediate_values}
-    if n["complete"] >= 2:  # importances compare complete trials
+    if n[N.COMPLETE] >= 2:  # importances compare complete trials
         plots["param_importances"] = ovm.plot_param_importances
     for name, plot in plots.items():
         try:

@@ -10,20 +10,18 @@ Every trial leaves a child run under the search's parent run, tagged ``trial_sta
     SURPLUS   run KILLED, never trained: a shared search's worker started it after the study
               already had its trials (a rare race between workers; the trial is FAIL)
 
-So FINISHED always means COMPLETE, and KILLED means "stopped on purpose". `run_training`
-ends any run that raises as FAILED; the objective corrects pruned runs afterwards
-(MlflowClient works on ended runs), which keeps `tracking/runs.py` unchanged.
+So FINISHED always means COMPLETE, and KILLED means "stopped on purpose": a pruned trial
+raises `Pruned`, a `runs.StopRun`, so `run_training` ends its run KILLED itself and the
+objective only tags it. The names are tracking/search/names.py's.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import NoReturn, Optional
 
 import mlflow
 import optuna
-from mlflow.entities import Param as MlflowParam
 from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
@@ -32,12 +30,10 @@ from mnist_mlflow.evaluation import hold_score, hold_summary
 from mnist_mlflow.models import param_count_of, widths_text
 from mnist_mlflow.train import EpochMetrics
 from tracking import runs
-from tracking.search_space import SearchSpec, sample_params
-
-TRIAL_STATE = "trial_state"  # COMPLETE | PRUNED | REJECTED | FAIL (RUNNING while it trains)
-PARENT_TAG = "mlflow.parentRunId"  # what makes a run nested, in any process
-
-log = logging.getLogger(__name__)
+from tracking.search import names as N
+from tracking.search.sampling import sample_params
+from tracking.search.space import SearchSpec
+from tracking.search.trial_runs import TrialRuns
 
 
 @dataclass
@@ -57,6 +53,10 @@ class SurplusTrial(Exception):
     """A shared search's worker started a trial past the study's quota (a rare race)."""
 
 
+class Pruned(optuna.TrialPruned, runs.StopRun):
+    """The pruner stopped the trial: PRUNED in Optuna, its run ended KILLED by run_training."""
+
+
 def is_surplus(study: optuna.Study, number: int, quota: int) -> bool:
     """Past the first `quota` trials that have not failed, by number: every worker agrees."""
     alive = sorted(t.number for t in study.get_trials(deepcopy=False, states=(
@@ -66,7 +66,7 @@ def is_surplus(study: optuna.Study, number: int, quota: int) -> bool:
 
 def retry_of(trial: optuna.Trial | optuna.trial.FrozenTrial) -> Optional[int]:
     """The trial this one runs again: after Ctrl-C (resume) or after its worker died."""
-    return trial.user_attrs.get("retry_of")
+    return trial.user_attrs.get(N.RETRY_OF)
 
 
 class HoldReporter:
@@ -106,8 +106,8 @@ class HoldReporter:
         if self.held:
             return True  # stop: the objective is final
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%, "
-                                     f"score {self.progress:.3f}")
+            raise Pruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%, "
+                         f"score {self.progress:.3f}")
         return False
 
     def report_rest(self, epochs: int) -> None:
@@ -126,18 +126,18 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         # Where this trial's run lives: a worker that finds it dead closes that run.
-        trial.set_user_attr("mlflow_parent_run_id", self.ctx.parent_run_id)
-        trial.set_user_attr("mlflow_experiment_id", self.ctx.experiment_id)
-        trial.set_user_attr("worker", self.ctx.worker)
+        trial.set_user_attr(N.PARENT_ATTR, self.ctx.parent_run_id)
+        trial.set_user_attr(N.EXPERIMENT_ATTR, self.ctx.experiment_id)
+        trial.set_user_attr(N.WORKER_ATTR, self.ctx.worker)
         if self.ctx.quota is not None and is_surplus(trial.study, trial.number, self.ctx.quota):
-            trial.set_user_attr("surplus", True)
-            self._close(trial, "SURPLUS", "KILLED", {"error": "started after the study had its "
+            trial.set_user_attr(N.SURPLUS_ATTR, True)
+            self._close(trial, N.SURPLUS, "KILLED", {"error": "started after the study had its "
                                                               f"{self.ctx.quota} trials"})
             raise SurplusTrial(f"trial {trial.number}: the study already has its {self.ctx.quota} trials")
         try:
             cfg, count = self._configure(trial)
         except Exception as exc:  # e.g. a sampled combination the config refuses
-            self._close(trial, "FAIL", None, {"error": repr(exc)[:4000]})
+            self._close(trial, N.FAIL, None, {"error": repr(exc)[:4000]})
             raise
         if count > self.ctx.spec.budget:
             self._reject(trial, cfg, count)
@@ -147,9 +147,9 @@ class Objective:
         """Sampled params -> the trial's config and its parameter count, before any training."""
         spec = self.ctx.spec
         cfg = C.replace(spec.base, sample_params(trial, spec.space, spec.base))
-        trial.set_user_attr("config", C.flatten(cfg))  # best_config.yaml is rebuilt from this
+        trial.set_user_attr(N.CONFIG, C.flatten(cfg))  # best_config.yaml is rebuilt from this
         count = param_count_of(cfg.model)
-        trial.set_user_attr("num_params", count)
+        trial.set_user_attr(N.NUM_PARAMS, count)
         # Feasible when <= 0: TPE then ranks over-budget trials by how far over they are.
         trial.set_constraint("params_over_budget", count - spec.budget)
         return cfg, count
@@ -160,10 +160,10 @@ class Objective:
         """Pruned in Optuna (never COMPLETE, so never best), REJECTED in MLflow; no training."""
         reason = (f"{count:,} parameters, over the budget of {self.ctx.spec.budget:,} "
                   f"({widths_text(cfg.model)})")
-        trial.set_user_attr("rejected", reason)
+        trial.set_user_attr(N.REJECTED_ATTR, reason)
         params = {**C.flatten(cfg), "num_params": count}
-        run_id = self._stub_run(trial, "REJECTED", "KILLED", {"rejected_reason": reason}, params)
-        trial.set_user_attr("mlflow_run_id", run_id)
+        run_id = self._stub_run(trial, N.REJECTED, "KILLED", {"rejected_reason": reason}, params)
+        trial.set_user_attr(N.RUN_ATTR, run_id)
         raise optuna.TrialPruned(f"rejected: {reason}")
 
     def _train(self, trial: optuna.Trial, cfg: C.RunConfig) -> float:
@@ -171,26 +171,26 @@ class Objective:
         try:
             outcome = runs.run_training(
                 cfg, mnist=self.ctx.mnist, nested=True, run_name=f"trial-{trial.number}",
-                tags=self._tags(trial, "RUNNING"), on_epoch_end=reporter,
+                tags=self._tags(trial, N.RUNNING), on_epoch_end=reporter,
                 log_model_artifact=self.ctx.spec.settings.log_models, progress=False)
-        except optuna.TrialPruned as exc:
-            self._close(trial, "PRUNED", "KILLED", {"pruned_reason": str(exc)})
+        except optuna.TrialPruned as exc:  # its run is KILLED already (Pruned is a StopRun)
+            self._close(trial, N.PRUNED, None, {"pruned_reason": str(exc)})
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)  # a resumed search runs it again
-            self._close(trial, "FAIL", None, {"error": "interrupted"})
+            trial.set_user_attr(N.INTERRUPTED, True)  # a resumed search runs it again
+            self._close(trial, N.FAIL, None, {"error": "interrupted"})
             raise
         except Exception as exc:
-            self._close(trial, "FAIL", None, {"error": repr(exc)[:4000]})
+            self._close(trial, N.FAIL, None, {"error": repr(exc)[:4000]})
             raise
         value = reporter.value
         reporter.report_rest(cfg.optim.epochs)
-        trial.set_user_attr("val_hold_epoch", len(reporter.val) if reporter.held else None)
+        trial.set_user_attr(N.VAL_HOLD_EPOCH, len(reporter.val) if reporter.held else None)
         self.client.log_metric(outcome.run_id, "objective", value)
         if reporter.held:
             self.client.log_metric(outcome.run_id, "val_hold_epoch", len(reporter.val))
-        self.client.set_tag(outcome.run_id, TRIAL_STATE, "COMPLETE")
-        trial.set_user_attr("mlflow_run_id", outcome.run_id)
+        self.client.set_tag(outcome.run_id, N.TRIAL_STATE, N.COMPLETE)
+        trial.set_user_attr(N.RUN_ATTR, outcome.run_id)
         return value
 
     # ---------------------------------------------------------------- MLflow bookkeeping
@@ -202,71 +202,9 @@ class Objective:
                tags: dict[str, str]) -> None:
         run_id = self.runs.close(trial.number, state, status, tags, retry_of(trial))
         if run_id is not None:
-            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr(N.RUN_ATTR, run_id)
 
     def _stub_run(self, trial: optuna.Trial, state: str, status: str, tags: dict[str, str],
                   params: dict) -> str:
         return self.runs.stub(trial.number, state, status,
                               {**self._tags(trial, state), **tags}, params)
-
-
-@dataclass
-class TrialRuns:
-    """The child runs of one search's parent run, found by trial number."""
-
-    parent_run_id: str
-    experiment_id: str
-    study_name: str
-    stage: str
-    worker: str = ""
-
-    @property
-    def client(self) -> mlflow.MlflowClient:
-        return mlflow.MlflowClient()
-
-    def tags(self, number: int, state: str, retry: Optional[int] = None) -> dict[str, str]:
-        tags = {TRIAL_STATE: state, PARENT_TAG: self.parent_run_id,
-                "optuna.study_name": self.study_name, "optuna.trial_number": str(number),
-                "search_role": "trial"}
-        if self.worker:
-            tags["optuna.worker"] = self.worker
-        if retry is not None:
-            tags["optuna.retry_of"] = str(retry)
-        return tags
-
-    def close(self, number: int, state: str, status: str | None, tags: dict[str, str],
-              retry: Optional[int] = None) -> str | None:
-        """Tags the trial's run and ends it with `status`; makes a stub run if it has none.
-
-        Never raises: a tracking-store hiccup must not hide why the trial ended.
-        """
-        try:
-            run_id = self.find(number)
-            if run_id is None:
-                return self.stub(number, state, status or "FAILED",
-                                 {**self.tags(number, state, retry), **tags}, {})
-            for key, value in {**tags, TRIAL_STATE: state}.items():
-                self.client.set_tag(run_id, key, value)
-            if status:
-                self.client.set_terminated(run_id, status)
-            return run_id
-        except Exception as exc:  # noqa: BLE001 - reported, then the original error goes on
-            log.warning("could not record trial %d's end in MLflow: %r", number, exc)
-            return None
-
-    def find(self, number: int) -> str | None:
-        found = self.client.search_runs(
-            [self.experiment_id], max_results=1,
-            filter_string=(f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and "
-                           f"tags.`optuna.trial_number` = '{number}'"))
-        return found[0].info.run_id if found else None
-
-    def stub(self, number: int, state: str, status: str, tags: dict[str, str],
-             params: dict) -> str:
-        """A child run for a trial that never trained: its config and why, nothing else."""
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}",
-                                     tags={**tags, "stage": self.stage})
-        self.client.log_batch(run.info.run_id,
-                              params=[MlflowParam(k, str(v)) for k, v in params.items()])
-        self.client.set_terminated(run.info.run_id, status)
-        return run.info.run_id

@@ -1,0 +1,59 @@
+"""``python -m tracking.search``: bad input fails before anything exists; MLproject's entry."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.tracking.search.helpers import write_search
+from tracking.search import cli as search
+from tracking.search.plan import Options
+
+
+def test_cli_refuses_a_bad_file_before_anything_exists(tmp_path, capsys):
+    bad = write_search(tmp_path, {"optim.lrr": {"type": "float", "low": 0.001, "high": 0.1}})
+    assert search.main(["--config", str(bad), "--storage", f"journal:{tmp_path}/x.log"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "x.log").exists()
+    assert search.main(["--epochs", "two"]) == 2
+    assert "--epochs='two' is not an integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["/sys/optuna.log", "/proc/version"])  # unwritable even for root
+def test_an_unwritable_journal_is_one_line_and_exit_2(tracking_uri, path, capsys):
+    assert search.main(["--config", str(ROOT / "experiments/search.yaml"), "--storage", f"journal:{path}",
+                        "--n-trials", "1", "--epochs", "1", "--train-limit", "500", "--test-limit", "100"]) == 2
+    err = capsys.readouterr().err
+    assert f"storage 'journal:{path}' cannot be written" in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_cli_values_mean_unset():
+    opts = search.parse_args(["--n-trials", "", "--epochs", "", "--storage", "", "--workers", "",
+                              "--seed", "", "--timeout", "", "--train-limit", "", "--test-limit", ""])
+    assert opts == Options()
+
+
+def test_mlproject_search_entry_passes_every_parameter():
+    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
+    params = entry["parameters"]
+    assert set(params) == {"n_trials", "epochs", "storage", "study_name", "timeout", "workers",
+                           "seed", "train_limit", "test_limit", "max_params", "set"}
+    argv = shlex.split(entry["command"].format(**{k: shlex.quote(v["default"])
+                                                  for k, v in params.items()}))
+    assert argv[:3] == ["python", "-m", "tracking.search"]
+    assert search.parse_args(argv[3:]) == Options()  # '' everywhere: the file decides
+
+
+def test_bad_shared_options_are_refused_before_anything_exists(tmp_path, capsys):
+    assert search.main(["--study-trials", "3", "--n-trials", "2",
+                        "--storage", f"sqlite:///{tmp_path}/o.db"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert search.main(["--study-trials", "3", "--storage", f"journal:{tmp_path}/o.log"]) == 2
+    assert "needs a database storage with heartbeats" in capsys.readouterr().err
+    assert search.main(["--study-trials", "0"]) == 2
+    assert "--study-trials='0' is not allowed" in capsys.readouterr().err
+    assert search.main(["--heartbeat", "0"]) == 2
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,161 @@
+"""One trial (tracking/search/objective.py): the budget, pruning, failures, the objective's
+data, and the MLflow runs each state leaves."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from mnist_mlflow import config as C
+from tests.conftest import ROOT
+from tests.tracking.search.helpers import ROTATION, SEARCH_YAML, child_runs, fit_that, options, write_search
+from tracking.search import study as search_study
+from tracking.search.run import run_search
+from tracking.search.space import load_search
+
+
+def test_over_budget_trials_are_rejected_untrained(tmp_path, mnist, tracking_uri, monkeypatch):
+    config = write_search(tmp_path, {"model.width1": {"type": "categorical", "choices": [12]},
+                                     "model.width2": {"type": "categorical", "choices": [16]},
+                                     **ROTATION})
+    fit_that(monkeypatch, raise_on_call=1, error=AssertionError("an over-budget model trained"))
+    result = run_search(options(tmp_path, config), mnist=mnist)
+
+    assert result.counts == {"COMPLETE": 0, "PRUNED": 0, "REJECTED": 2, "FAIL": 0, "SURPLUS": 0,
+                             "RUNNING": 0}
+    assert result.best is None
+    with pytest.raises(ValueError):
+        result.study.best_trial  # noqa: B018 - Optuna has no best: nothing feasible completed
+    for t in result.study.trials:
+        assert t.state == TrialState.PRUNED and "8,710 parameters" in t.user_attrs["rejected"]
+        assert t.constraints == {"params_over_budget": 710.0}
+    children = child_runs(result.parent_run_id)
+    assert [r.data.tags["trial_state"] for r in children] == ["REJECTED", "REJECTED"]
+    for r in children:
+        assert r.info.status == "KILLED" and r.data.metrics == {}
+        assert r.data.params["num_params"] == "8710" and "over the budget" in r.data.tags["rejected_reason"]
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_rejected"] == 2
+    assert not any(k.startswith("best.") for k in parent.data.params)
+
+
+def test_a_pruned_trial_is_pruned_in_optuna_and_killed_in_mlflow(tmp_path, mnist, tracking_uri):
+    # No accuracy reaches 101%: the threshold pruner stops the trial after its first epoch.
+    config = write_search(tmp_path, ROTATION, pruner={"name": "threshold", "lower": 101.0})
+    result = run_search(options(tmp_path, config, n_trials=1, epochs=2), mnist=mnist)
+
+    (trial,) = result.study.trials
+    assert trial.state == TrialState.PRUNED and "rejected" not in trial.user_attrs
+    assert list(trial.intermediate_values) == [1]
+    (run,) = child_runs(result.parent_run_id)
+    assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"
+    assert "error" not in run.data.tags  # ended once, KILLED on purpose, never FAILED
+    assert "epoch 1" in run.data.tags["pruned_reason"] and "objective" not in run.data.metrics
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1]
+    assert mlflow.get_run(result.parent_run_id).data.metrics["n_pruned"] == 1
+
+
+def test_the_objective_never_reads_the_test_set(tmp_path, mnist, tracking_uri):
+    """The same seeded trial, once with the real test set and once with noise images and
+    shuffled labels: equal objectives, while the logged test accuracy differs."""
+    rng = np.random.default_rng(0)
+    scrambled = dataclasses.replace(
+        mnist, test_x=rng.integers(0, 256, mnist.test_x.shape, dtype=np.uint8),
+        test_y=rng.permutation(mnist.test_y))
+    config = write_search(tmp_path, ROTATION)
+    results = [run_search(options(tmp_path, config, n_trials=1, epochs=2,
+                                         storage=f"journal:{tmp_path}/{name}.log"), mnist=data)
+               for name, data in (("real", mnist), ("scrambled", scrambled))]
+
+    real, fake = (r.study.trials[0] for r in results)
+    assert real.params == fake.params
+    assert real.state == fake.state == TrialState.COMPLETE
+    assert real.value == fake.value and real.intermediate_values == fake.intermediate_values
+    test_acc = [child_runs(r.parent_run_id)[0].data.metrics["test_accuracy"] for r in results]
+    assert test_acc[0] != test_acc[1]  # the test set was really swapped, and only reported
+
+
+def test_failures_do_not_stop_the_study_and_runs_nest_under_the_parent(tmp_path, mnist,
+                                                                       tracking_uri, monkeypatch):
+    config = write_search(tmp_path, {"model.width1": {"type": "categorical", "choices": [9, 12]},
+                                     **ROTATION})
+    opts = options(tmp_path, config, n_trials=3)
+    spec = load_search(config, {"data.val_size": 500, "data.train_limit": 256, "optim.epochs": 1})
+    study, _ = search_study.open_study(spec, search_study.open_storage(opts.storage), opts.study_name)
+    for width1 in (9, 12, 9):  # fail, rejected, complete: in this order
+        study.enqueue_trial({"model.width1": width1})
+    fit_that(monkeypatch, raise_on_call=1, error=RuntimeError("boom"))
+    result = run_search(opts, mnist=mnist)
+
+    states = [t.state for t in result.study.trials]
+    assert states == [TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE]
+    children = child_runs(result.parent_run_id)
+    assert [(r.info.status, r.data.tags["trial_state"]) for r in children] == [
+        ("FAILED", "FAIL"), ("KILLED", "REJECTED"), ("FINISHED", "COMPLETE")]
+    assert "RuntimeError('boom')" in children[0].data.tags["error"]
+    assert children[2].data.metrics["objective"] == result.study.trials[2].value
+
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["search_role"] == "parent"
+    assert parent.data.params["best.model.width1"] == "9" and parent.data.params["best.trial_number"] == "2"
+    assert parent.data.tags["best_trial_run_id"] == children[2].info.run_id
+    assert {"n_complete": 1, "n_failed": 1, "n_rejected": 1}.items() <= parent.data.metrics.items()
+    figures = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/optimization_history.png", "figures/intermediate_values.png"} <= figures
+
+    # best_config.yaml is stage 3's file with the trial's recipe: copied next to stage3.yaml
+    # (into experiments/), tracking.stage runs it as it is
+    best_yaml = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                    artifact_path="best_config.yaml", dst_path=str(tmp_path))
+    assert yaml.safe_load(Path(best_yaml).read_text())["extends"] == "stage3.yaml"
+    (tmp_path / "stage3.yaml").write_text((ROOT / "experiments/stage3.yaml").read_text())
+    best = C.flatten(C.load(best_yaml))
+    trial = result.study.trials[2].user_attrs["config"]
+    recipe = [k for k in trial if not k.startswith(("data.", "target.", "stage"))]
+    assert {k: best[k] for k in recipe} == {k: trial[k] for k in recipe}
+    assert best["data.val_size"] == 0 and best["stage"] == "search-best"  # trains on all 60,000
+    from tracking import stage
+    assert stage.main([best_yaml, "--no-progress", "--experiment", "best-rerun", "--train-limit", "256",
+                       "--test-limit", "300"]) == 0
+
+
+def test_the_pruner_compares_hold_scores_in_the_studys_direction():
+    """Reported scores are lower-is-better like the objective: with Optuna's median pruner a
+    clearly worse trial is pruned and a clearly better one is not."""
+    from mnist_mlflow.train import EpochMetrics
+    from tracking.search_objective import HoldReporter
+
+    spec = load_search(SEARCH_YAML)
+    study = optuna.create_study(direction="minimize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
+
+    def run(val: list[float]) -> str:
+        trial = study.ask()
+        reporter = HoldReporter(trial, spec)
+        try:
+            for epoch, acc in enumerate(val, 1):
+                m = EpochMetrics(epoch, 0.1, 99.0, 0.1, 99.0, 0.01, 1.0, val_loss=0.1, val_accuracy=acc)
+                if reporter(m):
+                    break
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return "pruned"
+        reporter.report_rest(15)
+        study.tell(trial, reporter.value)
+        return "complete"
+
+    typical = [97.0, 98.0, 98.6, 98.9, 99.0, 99.1, 99.2, 99.3, 99.32, 99.33, 99.35]
+    for _ in range(3):
+        assert run(typical) == "complete"
+    assert run([90.0, 94.0, 95.0, 95.5, 96.0, 96.0, 96.0, 96.0]) == "pruned"
+    better = [97.5, 98.5, 99.0, 99.31, 99.35, 99.36, 99.4]
+    assert run(better) == "complete"
+    assert study.best_trial.number == 4 and study.best_value < 7  # held at epoch 7, stopped there

@@ -1,0 +1,85 @@
+"""The search file (tracking/search/space.py): what it refuses, what it derives from stage 3,
+the assignment's fixed points and the budget."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnist_mlflow import config as C
+from mnist_mlflow.config import ConfigError
+from mnist_mlflow.models import param_count_of
+from tests.conftest import ROOT
+from tests.tracking.search.helpers import ROTATION, SEARCH_YAML, write_search
+from tracking.search.space import load_search
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"optim.lrr": {"type": "float", "low": 0.001, "high": 0.1}},
+     "unknown config path 'optim.lrr' .*did you mean 'optim.lr'"),
+    ({"model.max_params": {"type": "int", "low": 7000, "high": 9000}}, "cannot be searched"),
+    ({"data.val_size": {"type": "int", "low": 1, "high": 9}}, "same validation split"),
+    ({"augment.rotation_degrees": {"type": "float", "low": 0, "high": 200}}, "config refuses"),
+    ({"optim.lr": {"type": "float", "low": "1e-3", "high": 0.1}}, "write 1.0e-3"),
+    ({"optim.lr": {"type": "float", "low": 0.1, "high": 0.01}}, "space.optim.lr"),
+    ({"optim.lr": {"type": "uniform", "low": 0.1, "high": 0.2}}, "float | int | categorical"),
+    ({"optim.lr": {"type": "float", "low": 0.1, "high": 0.2, "choices": [1]}}, "unknown key 'choices'"),
+    ({"schedule.max_lr": {"type": "float", "low": 0.01, "high": 0.1, "when": {"schedule.name": "onecycle"}},
+      "schedule.name": {"type": "categorical", "choices": ["onecycle", "step"]}}, "sampled at or after"),
+    ({"schedule.name": {"type": "categorical", "choices": ["onecycle", "step"]},
+      "schedule.gamma": {"type": "float", "low": 0.1, "high": 0.5, "when": {"schedule.name": "stepp"}}},
+     "never sampled"),
+])
+def test_bad_space_is_refused_with_the_reason(tmp_path, space, message):
+    with pytest.raises(ConfigError, match=message):
+        load_search(write_search(tmp_path, space))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"pruner": {"name": "medain"}}, "search.pruner"),
+    ({"pruner": {"name": "median", "n_warmup": 3}}, "median"),
+    ({"objective_last_epoch": 4}, "unknown key 'search.objective_last_epoch'"),
+])
+def test_bad_search_settings_are_refused(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        load_search(write_search(tmp_path, ROTATION, **settings))
+
+
+def test_the_search_file_is_stage_3_apart_from_the_keys_it_declares():
+    """Derived, never copied: a stage-3 recipe change reaches the search's base config."""
+    spec = load_search(SEARCH_YAML)
+    declared = C.flatten(C.from_dict({k: v for k, v in yaml.safe_load(SEARCH_YAML.read_text()).items()
+                                      if k not in ("extends", "search", "space")}))
+    declared = {k for k, v in declared.items() if v != C.flatten(C.RunConfig())[k]}
+    stage3, base = C.flatten(C.load(ROOT / "experiments/stage3.yaml")), C.flatten(spec.base)
+    drift = {k: (stage3[k], base[k]) for k in stage3 if stage3[k] != base[k] and k not in declared}
+    assert drift == {}
+    assert declared == {"stage", "data.val_size"}
+    assert spec.extends == str(ROOT / "experiments/stage3.yaml")
+
+
+def test_the_search_file_keeps_the_assignments_fixed_points_and_searches_the_rest():
+    spec = load_search(SEARCH_YAML)
+    space = {p.path: p for p in spec.space}
+    assert spec.budget == 8000 and spec.base.model.max_params == 8000
+    assert spec.base.model.dropout == 0.05 and spec.base.augment.rotation_degrees == 6.9
+    assert not {"model.dropout", "augment.rotation_degrees", "model.max_params"} & set(space)
+    assert {"optim.epochs", "optim.name", "optim.batch_size", "optim.ema_decay", "schedule.max_lr",
+            "schedule.pct_start", "schedule.anneal", "augment.thickness_prob", "model.width1",
+            "model.width2", "model.width_transition", "model.width3", "model.width4",
+            "model.width5"} <= set(space)
+    assert spec.horizon == 15 and spec.threshold == pytest.approx(99.3)
+    with pytest.raises(ConfigError, match="fixes it"):  # the file refuses to search them
+        load_search(write_search(Path(tempfile.mkdtemp()), ROTATION,
+                                 fixed=["augment.rotation_degrees"]))
+
+
+def test_the_budget_is_a_search_setting_and_binds(tmp_path):
+    spec = load_search(SEARCH_YAML, max_params=5000)
+    assert spec.budget == spec.base.model.max_params == 5000
+    small = C.ModelConfig(width1=6, width2=10, width_transition=6, width3=10, width4=10,
+                          width5=10, max_params=None)
+    assert param_count_of(small) <= 5000 < param_count_of(C.ModelConfig(max_params=None))

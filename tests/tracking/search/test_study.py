@@ -1,0 +1,52 @@
+"""The study (tracking/search/study.py, sampling.py): its first trial, seeds, safe resuming."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mnist_mlflow import config as C
+from mnist_mlflow.config import ConfigError
+from mnist_mlflow.models import param_count_of
+from tests.tracking.search.helpers import ROTATION, SEARCH_YAML, write_search
+from tracking.search import study as search_study
+from tracking.search.sampling import make_sampler, sample_params
+from tracking.search.space import load_search
+
+
+def test_the_base_config_is_the_first_trial(tmp_path):
+    spec = load_search(SEARCH_YAML)
+    storage = search_study.open_storage(f"journal:{tmp_path}/optuna.log")
+    study, _ = search_study.open_study(spec, storage, "s")
+    trial = study.ask()
+    cfg = C.replace(spec.base, sample_params(trial, spec.space, spec.base))
+    assert trial.user_attrs["incumbent"] is True
+    assert param_count_of(cfg.model) == param_count_of(spec.base.model) == 7759
+    flat, base = C.flatten(cfg), C.flatten(spec.base)
+    assert {k for k in flat if flat[k] != base[k]} <= {
+        "optim.weight_decay", "model.width_transition", "model.width3", "model.width4", "model.width5"}
+    assert cfg.optim.weight_decay <= 1e-6  # 0 clipped into the log range
+
+
+def test_the_seed_fixes_the_sampled_params():
+    spec = load_search(SEARCH_YAML)
+
+    def sampled(seed: int) -> list[dict]:
+        study = optuna.create_study(direction="minimize", sampler=make_sampler(spec.settings, seed))
+        # 10 trials: past the 8 random startup trials, into TPE proper
+        study.optimize(lambda t: sample_params(t, spec.space, spec.base)["schedule.max_lr"],
+                       n_trials=10)
+        return [t.params for t in study.trials]
+
+    assert sampled(3) == sampled(3)
+    assert sampled(3) != sampled(4)
+    seeds = {search_study.sampler_seed(3, n_existing, worker) for n_existing in (0, 2) for worker in (0, 1)}
+    assert len(seeds) == 4  # workers and resumed runs never replay each other's samples
+
+
+def test_a_study_resumes_only_under_the_same_fixed_settings(tmp_path):
+    storage = search_study.open_storage(f"journal:{tmp_path}/optuna.log")
+    config = write_search(tmp_path, ROTATION)
+    search_study.open_study(load_search(config, {"optim.epochs": 3}), storage, "s")
+    search_study.open_study(load_search(config, {"optim.epochs": 3}), storage, "s")  # resumes
+    with pytest.raises(ConfigError, match=r"horizon=3 \(now 5\)"):
+        search_study.open_study(load_search(config, {"optim.epochs": 5}), storage, "s")

@@ -1,0 +1,62 @@
+"""Where a run's inputs came from: the code's commit, library versions, the datasets."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from mnist_mlflow.data import Mnist, Splits
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR.parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import cv2
+    import optuna
+    import torchvision
+
+    return {"version.python": platform.python_version(), "version.torch": torch.__version__,
+            "version.torchvision": torchvision.__version__, "version.mlflow": mlflow.__version__,
+            "version.optuna": optuna.__version__, "version.numpy": np.__version__,
+            "version.opencv": cv2.__version__}
+
+
+def dataset_source(source: str) -> str:
+    """MLflow resolves dataset sources by scheme and knows no ``idx:``: give it the folder."""
+    return source.removeprefix("idx:")
+
+
+def log_datasets(mnist: Mnist, splits: Splits) -> None:
+    parts = [("train", splits.train_x, splits.train_y, "training"),
+             ("val", splits.val_x, splits.val_y, "validation"),
+             ("test", splits.test_x, splits.test_y, "testing")]
+    for name, x, y, context in parts:
+        if y is None:
+            continue
+        ds = mlflow.data.from_numpy(x, targets=y, source=dataset_source(mnist.source), name=f"mnist-{name}",
+                                    digest=f"{mnist.digest}-{name}-{len(y)}")
+        for attempt in range(3):
+            try:
+                mlflow.log_input(ds, context=context)
+                break
+            except mlflow.MlflowException as exc:
+                # two processes logging the same dataset at once (search workers): the loser's
+                # INSERT hits the store's unique index; the second try finds the dataset there
+                if "datasets" not in str(exc).lower() or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))

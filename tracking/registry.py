@@ -1,0 +1,83 @@
+"""Registering a promoted run in the Model Registry once, whoever else promotes it at the same
+moment and from whichever machine (tracking/promote.py decides which run)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Optional
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+if TYPE_CHECKING:
+    from tracking.candidates import Candidate
+
+
+def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
+    """The run's versions under `name`, lowest number first."""
+    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def find_version(client: MlflowClient, name: str, run_id: str) -> Optional[ModelVersion]:
+    found = versions_of_run(client, name, run_id)
+    return found[0] if found else None
+
+
+def ensure_registered_model(client: MlflowClient, name: str, max_params: Optional[int] = None) -> None:
+    budget = f", <= {max_params:,} parameters" if max_params is not None else ""
+    try:
+        client.create_registered_model(
+            name, description=f"MNIST CNN{budget}; input float32 raw pixels 0-255 "
+                              "(N, 1, 28, 28), output (N, 10) logits")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def idempotent(call, *args, attempts: int = 4):
+    """A registry write that another promoter may make at the same moment (the same alias or
+    tag): the two inserts race in the server's database and the loser gets an error although
+    the row now exists. Writing it again updates it. A refused value is not retried."""
+    for attempt in range(attempts):
+        try:
+            return call(*args)
+        except MlflowException as exc:
+            if exc.error_code == "INVALID_PARAMETER_VALUE" or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def register(client: MlflowClient, name: str, cand: "Candidate", alias: str,
+             max_params: Optional[int] = None) -> tuple[ModelVersion, bool]:
+    """Registers the run once, whoever else promotes it at the same moment, from any machine.
+
+    The registry has no compare-and-set and numbers versions max + 1, so two promoters can
+    both create a version. Each one therefore creates its version, then lists the run's
+    versions and keeps the lowest, deleting its own if that is not the lowest: every promoter
+    converges on the same version, and each sets the same tags and alias on it. Returns
+    (the kept version, whether it is this call's). A failure before the alias is set deletes
+    this call's version again.
+    """
+    ensure_registered_model(client, name, max_params)
+    model_id = cand.model_uri.removeprefix("models:/")
+    mine = client.create_model_version(name, source=cand.model_uri, run_id=cand.run_id,
+                                       model_id=model_id)
+    h = cand.hold
+    tags = {"run_id": cand.run_id, "hold_epochs": h.hold_epochs,
+            "best_test_accuracy": h.best_accuracy, "held_test_accuracy": h.held_accuracy,
+            "num_params": cand.num_params}
+    try:
+        kept = versions_of_run(client, name, cand.run_id)[0]  # ours is listed: never empty
+        if str(kept.version) != str(mine.version):
+            client.delete_model_version(name, mine.version)  # an earlier promoter won
+        for key, value in tags.items():
+            idempotent(client.set_model_version_tag, name, kept.version, key, str(value))
+        idempotent(client.set_registered_model_alias, name, alias, kept.version)
+    except BaseException:
+        with contextlib.suppress(MlflowException):  # already gone if we lost the race
+            client.delete_model_version(name, mine.version)  # never leave a half-registered one
+        raise
+    return kept, str(kept.version) == str(mine.version)

@@ -1,0 +1,6 @@
+import sys
+
+from tracking.search.cli import main
+
+if __name__ == "__main__":  # spawned workers import this module too
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""``python -m tracking.search``: flags -> Options, the search, and what it prints."""
+
+from __future__ import annotations
+
+import sys
+
+import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
+
+import tracking.search
+from mnist_mlflow import config as C
+from mnist_mlflow.data import DataError
+from tracking import cli, dashboard
+from tracking.search import names as N
+from tracking.search import report
+from tracking.search.plan import CONFIG_FLAGS, DEFAULT_CONFIG, Options, resolve
+from tracking.search.run import SearchResult, run_search
+from tracking.search.study import HEARTBEAT_S
+from tracking.signals import sigterm_as_interrupt
+
+
+def parser() -> cli.Parser:
+    p = cli.parser("python -m tracking.search", tracking.search.__doc__)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
+    cli.add(p, "--n-trials", int, 1, help="trials in this invocation (default: the file's)")
+    cli.add(p, "--study-trials", int, 1,
+            help="shared search: run, with every worker started with the same study and "
+                 "storage, until the whole study has this many finished trials")
+    cli.add(p, "--heartbeat", int, 1, help=f"seconds between a running trial's heartbeats in "
+            f"database storage (default {HEARTBEAT_S}); a trial silent for 3 heartbeats is failed "
+            "and retried")
+    p.add_argument("--storage", default="", help="sqlite:///optuna.db (the file's default), "
+                                                 "journal:<file>, or any SQLAlchemy URL")
+    p.add_argument("--study-name", default="", help="Optuna study; same name + storage = resume")
+    cli.add(p, "--timeout", float, 0, help="seconds after which no new trial starts")
+    cli.add(p, "--workers", int, 1, help="local worker processes (default 1)")
+    cli.add(p, "--seed", int, 0, help="sampler seed (default: the file's)")
+    cli.add(p, "--max-params", int, 1, help="the hard parameter budget (default: the file's "
+                                            "search.max_params, 8,000)")
+    cli.add_overrides(p, *CONFIG_FLAGS, helps={"epochs": "optim.epochs of every trial (no longer searched)",
+                                               "test_limit": "data.test_limit (reporting only)"},
+                      set_help="run-config override for every trial, e.g. --set data.val_size=5000 "
+                               "(repeatable; one argument may hold several, space-separated)")
+    cli.add_experiment(p)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    a = parser().parse_args(argv)
+    return Options(
+        config=a.config, n_trials=a.n_trials, epochs=a.epochs, storage=a.storage or None,
+        study_name=a.study_name or None, timeout=a.timeout, workers=a.workers or 1, seed=a.seed,
+        train_limit=a.train_limit, test_limit=a.test_limit, experiment=a.experiment,
+        max_params=a.max_params, overrides=tuple(o for item in a.overrides for o in item.split()),
+        study_trials=a.study_trials, heartbeat=a.heartbeat)
+
+
+def print_result(r: SearchResult) -> None:
+    c = r.counts
+    print(f"study {r.study.study_name}: {c[N.COMPLETE]} {N.COMPLETE}, {c[N.PRUNED]} {N.PRUNED}, "
+          f"{c[N.REJECTED]} {N.REJECTED} (over budget), {c[N.FAIL]} {N.FAIL}"
+          + (f", {c[N.SURPLUS]} {N.SURPLUS}" if c[N.SURPLUS] else ""))
+    if r.best is not None:
+        held = r.best.user_attrs.get(N.VAL_HOLD_EPOCH)
+        print(f"best trial {r.best.number}: objective {r.best.value:.3f} "
+              + (f"(validation hold completed at epoch {held}) " if held else "(never held) ")
+              + f"({r.best.user_attrs[N.NUM_PARAMS]:,} parameters)")
+        for k, v in r.best.params.items():
+            print(f"  {k} = {v}")
+        print(f"best config: mlflow artifacts download -r {r.parent_run_id} "
+              f"-a {report.BEST_CONFIG} -d .")
+    print(f"parent run_id: {r.parent_run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse_args(argv)
+        plan = resolve(opts)  # a bad file or flag fails before any storage, run or process exists
+    except (C.ConfigError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with sigterm_as_interrupt():
+            result = run_search(opts)
+    except (C.ConfigError, DataError, MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume the study", file=sys.stderr)
+        return 130
+    print_result(result)
+    print(dashboard.hint(plan.storage))  # the study's own view
+    return 0

@@ -1,0 +1,83 @@
+"""What one invocation of the search asks for (`Options`) and will do (`Plan`): every check that
+needs no storage, run or process, so a bad file or flag fails before any exists."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from mnist_mlflow import config as C
+from tracking import cli
+from tracking.search.space import SearchSpec, load_search
+from tracking.search.study import HEARTBEAT_S
+
+DEFAULT_CONFIG = "experiments/search.yaml"
+CONFIG_FLAGS = ("epochs", "train_limit", "test_limit")  # cli.OVERRIDES the search takes ("seed" is the sampler's)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The CLI's choices; None means "what the search file says"."""
+
+    config: str = DEFAULT_CONFIG
+    n_trials: Optional[int] = None
+    epochs: Optional[int] = None
+    storage: Optional[str] = None
+    study_name: Optional[str] = None
+    timeout: Optional[float] = None
+    workers: int = 1
+    seed: Optional[int] = None
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    experiment: str = ""
+    overrides: tuple[str, ...] = ()  # --set items, key=value
+    max_params: Optional[int] = None  # search.max_params
+    study_trials: Optional[int] = None  # shared search: finished trials of the whole study
+    heartbeat: Optional[int] = None  # seconds; None: HEARTBEAT_S
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The search file with the CLI's choices applied; every value decided."""
+
+    spec: SearchSpec
+    n_trials: int  # this invocation's, over all its workers (unused in a shared search)
+    storage: str
+    study_name: str
+    timeout: Optional[float]
+    workers: int  # local worker processes
+    seed: int  # the sampler's
+    study_trials: Optional[int]  # shared search: the study's finished trials to reach
+    heartbeat: int
+    experiment: str
+
+    @property
+    def shared(self) -> bool:
+        """Several invocations, on any machines, make one study and one parent run."""
+        return self.study_trials is not None
+
+
+def resolve(opts: Options) -> Plan:
+    spec = load_search(opts.config, cli.overrides(opts, CONFIG_FLAGS), max_params=opts.max_params)
+    s = spec.settings
+    plan = Plan(spec, n_trials=opts.n_trials or s.n_trials, storage=opts.storage or s.storage,
+                study_name=opts.study_name or s.study_name, timeout=opts.timeout,
+                workers=opts.workers,
+                seed=opts.seed if opts.seed is not None else s.sampler.get("seed", 0),
+                study_trials=opts.study_trials, heartbeat=opts.heartbeat or HEARTBEAT_S,
+                experiment=opts.experiment)
+    if plan.workers < 1:
+        raise C.ConfigError(f"--workers={plan.workers} is not allowed: 1 or more")
+    if plan.shared:
+        if opts.n_trials is not None:
+            raise C.ConfigError("give --n-trials (trials of this invocation) or --study-trials "
+                                "(finished trials of the whole shared study), not both")
+        if plan.storage.startswith("journal:"):
+            raise C.ConfigError("--study-trials needs a database storage with heartbeats "
+                                "(postgresql://... for several machines, sqlite:///... for one), "
+                                f"not {plan.storage!r}")
+        if os.environ.get("MLFLOW_RUN_ID"):
+            raise C.ConfigError("--study-trials joins the study's own parent run: start shared "
+                                "workers with python -m tracking.search, not inside `mlflow run`")
+    return plan

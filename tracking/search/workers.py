@@ -1,0 +1,188 @@
+"""The workers that optimize one study: in this process, in K spawned processes (``--workers K``)
+or in processes on several machines (``--study-trials N``).
+
+A worker with a fixed share runs that many trials. A shared search's workers instead run until
+the study has N finished trials (COMPLETE or PRUNED, rejected ones included): a worker starts
+a trial only while finished + running + queued < N, and otherwise waits for the running ones
+to end or go stale. A trial that two workers started at the same instant past N is SURPLUS
+(never trained, see objective.is_surplus); a trial silent for 3 heartbeats is failed, queued
+again and its run ended FAILED by the first worker that looks (study.RetryAndCloseRun).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mlflow
+import optuna
+from optuna.trial import TrialState
+
+from mnist_mlflow import threads as T
+from mnist_mlflow.data import Mnist, load_mnist
+from tracking.search import names as N
+from tracking.search.objective import Objective, TrialContext
+from tracking.search.plan import Plan
+from tracking.search.sampling import make_sampler
+from tracking.search.space import SearchSpec, make_pruner
+from tracking.search.study import HEARTBEAT_S, open_storage, sampler_seed
+from tracking.signals import sigterm_as_interrupt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything one worker needs; picklable, so it crosses into a spawned process."""
+
+    spec: SearchSpec
+    storage: str
+    study_name: str
+    n_trials: Optional[int]  # this worker's share; None in a shared search
+    timeout: Optional[float]
+    sampler_seed: int
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    threads: Optional[int]  # what threads: auto means in a spawned worker (its share of the cores)
+    quota: Optional[int] = None  # shared search: the study's finished trials to reach
+    heartbeat: int = HEARTBEAT_S
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def shares(n_trials: int, workers: int) -> list[int]:
+    """Fixed shares give exactly n_trials; MaxTrialsCallback, checked only after a trial ends,
+    lets concurrent workers overshoot."""
+    return [n_trials // workers + (1 if i < n_trials % workers else 0) for i in range(workers)]
+
+
+def worker_threads(setting: T.Threads, workers: int) -> int:
+    """Threads of each of K local workers: an explicit count as given; auto: the cores free
+    now (sampled once, before the workers start), split between them."""
+    return int(setting) if setting != T.AUTO else max(1, T.resolve(T.AUTO) // workers)
+
+
+def make_jobs(plan: Plan, parent_run_id: str, experiment_id: str, n_existing: int) -> list[WorkerJob]:
+    k, quota = plan.workers, plan.study_trials
+    # one worker trains in this process: each trial resolves its own threads
+    threads = worker_threads(plan.spec.base.threads, k) if k > 1 else None
+    per_worker = [None] * k if plan.shared else shares(plan.n_trials, k)
+    # Workers on other machines share seed and history: this machine and process tell them apart.
+    salt = zlib.crc32(worker_name().encode()) if plan.shared else 0
+    return [WorkerJob(plan.spec, plan.storage, plan.study_name, n, plan.timeout,
+                      sampler_seed(plan.seed, n_existing, i, salt), parent_run_id,
+                      experiment_id, mlflow.get_tracking_uri(), threads, quota, plan.heartbeat)
+            for i, n in enumerate(per_worker) if n is None or n > 0]
+
+
+def run_jobs(jobs: list[WorkerJob], mnist: Mnist | None) -> None:
+    if len(jobs) == 1:
+        optimize(jobs[0], mnist)
+    else:
+        run_processes(jobs)
+
+
+def optimize(job: WorkerJob, mnist: Mnist | None = None) -> None:
+    """One worker's loop; a trial that raises is FAIL and the loop goes on (catch=Exception)."""
+    study = optuna.load_study(study_name=job.study_name,
+                              storage=open_storage(job.storage, job.heartbeat),
+                              sampler=make_sampler(job.spec.settings, job.sampler_seed),
+                              pruner=make_pruner(job.spec.settings.pruner))
+    ctx = TrialContext(job.spec, job.study_name, job.parent_run_id, job.experiment_id,
+                       mnist or load_mnist(job.spec.base.data.data_dir), worker_name(), job.quota)
+    if job.quota is not None:
+        optimize_to_quota(study, Objective(ctx), job.quota, job.timeout, poll_s=min(5, job.heartbeat))
+    else:
+        study.optimize(Objective(ctx), n_trials=job.n_trials, timeout=job.timeout,
+                       catch=(Exception,), gc_after_trial=True)
+
+
+def worker_main(job: WorkerJob) -> None:
+    """Entry point of a spawned worker process."""
+    os.environ.pop("MLFLOW_RUN_ID", None)  # never adopt the parent run as our own
+    T.pin_auto(job.threads)  # K workers share the free cores instead of fighting for them
+    mlflow.set_tracking_uri(job.tracking_uri)
+    mlflow.set_experiment(experiment_id=job.experiment_id)
+    try:
+        with sigterm_as_interrupt():
+            optimize(job)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is recorded; no traceback
+        sys.exit(130)
+
+
+def run_processes(jobs: list[WorkerJob]) -> None:
+    """Spawn (not fork: torch and MLflow hold threads), wait, and stop them all on any exit."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=worker_main, args=(job,), name=f"search-worker-{i}")
+             for i, job in enumerate(jobs)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:  # on Ctrl-C/SIGTERM here: let each worker end its trial cleanly
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"search workers failed: {', '.join(failed)}")
+
+
+# ---------------------------------------------------------------- a shared search's quota
+
+def tally(study: optuna.Study) -> Counter:
+    return Counter(t.state for t in study.get_trials(deepcopy=False))
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def optimize_to_quota(study: optuna.Study, objective: Callable, quota: int,
+                      timeout: Optional[float], poll_s: float) -> None:
+    """Runs trials until the study has `quota` finished ones (see the module docstring).
+
+    Gives up after `quota` failed trials (a broken setup would otherwise loop forever).
+    """
+    start = time.monotonic()
+    while True:
+        fail_stale_trials(study)  # a dead worker's trial turns FAIL and is queued again
+        n = tally(study)
+        finished = n[TrialState.COMPLETE] + n[TrialState.PRUNED]
+        if finished >= quota:
+            return
+        failed = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                     if not t.user_attrs.get(N.SURPLUS_ATTR))
+        if failed >= quota:
+            raise RuntimeError(f"study {study.study_name!r}: {failed} trials failed, as many as "
+                               f"the {quota} requested; see their runs' `error` tags")
+        if timeout is not None and time.monotonic() - start >= timeout:
+            return
+        if finished + n[TrialState.RUNNING] + n[TrialState.WAITING] >= quota and not n[TrialState.WAITING]:
+            time.sleep(poll_s)  # the last trials run elsewhere: they end, or go stale and return
+            continue
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            # Our heartbeat was late (a stalled machine): another worker already failed and
+            # re-queued this trial. Its retry counts instead; this worker goes on.
+            log.warning("a trial of this worker was failed by another one: %s", exc)
