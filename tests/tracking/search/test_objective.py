@@ -131,7 +131,7 @@ def test_the_pruner_compares_hold_scores_in_the_studys_direction():
     """Reported scores are lower-is-better like the objective: with Optuna's median pruner a
     clearly worse trial is pruned and a clearly better one is not."""
     from mnist_mlflow.train import EpochMetrics
-    from tracking.search_objective import HoldReporter
+    from tracking.search.objective import HoldReporter
 
     spec = load_search(SEARCH_YAML)
     study = optuna.create_study(direction="minimize",
