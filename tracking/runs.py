@@ -69,42 +69,61 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class DeferredInterrupt:
-    """Ctrl-C and SIGTERM during training set a flag that training checks between batches.
+class Interrupts:
+    """Ctrl-C and SIGTERM while installed: the first one is the request to stop.
 
-    So the interrupt never lands inside MLflow's logging or a checkpoint's upload (where it
-    could leave the store half-written); the same signal again interrupts at once. Another
-    signal does not: `mlflow run` answers Ctrl-C by sending its command SIGTERM, which is the
-    same request, and must not cut the checkpoint short.
+    It raises `Interrupted` at once, except while `deferred()` (training): there it sets a flag
+    that training checks between batches, so it never lands inside MLflow's logging or a
+    checkpoint's upload (where it could leave the store half-written). After it, the same signal
+    again interrupts at once (a second Ctrl-C) and the other one is ignored, through the end of
+    the run: `mlflow run` answers Ctrl-C by sending its command SIGTERM, the same request, at a
+    moment of its choosing, and it must cut short neither a checkpoint nor the run's end.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._deferring = self._installed = False
 
     def __call__(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum, _frame) -> None:
-        if self.signum == signum:
-            raise Interrupted(signum, again=True)
         if self.signum is None:
             self.signum = signum
+            if not self._deferring:
+                raise Interrupted(signum)
+        elif signum == self.signum:
+            raise Interrupted(signum, again=True)
 
     def raise_if_set(self) -> None:
         if self.signum is not None:
             raise Interrupted(self.signum)
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["DeferredInterrupt"]:
+    def deferred(self) -> Iterator["Interrupts"]:
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["Interrupts"]:
+        """Its handlers, the previous ones back at the end; inside its own scope, nothing more."""
+        if self._installed:
+            yield self
+            return
         sigs = (signal.SIGINT, signal.SIGTERM)
         try:
             previous = [signal.signal(s, self._handle) for s in sigs]
         except ValueError:  # not the main thread: leave signals alone
             yield self
             return
+        self._installed = True
         try:
             yield self
         finally:
+            self._installed = False
             for s, handler in zip(sigs, previous):
                 signal.signal(s, handler)
 
@@ -337,12 +356,15 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
                  nested: bool = False, tags: dict[str, str] | None = None,
                  on_epoch_end: Optional[Callable[[EpochMetrics], Optional[bool]]] = None,
                  log_model_artifact: bool = True, progress: bool = True,
-                 checkpoints: bool = False, resume_run_id: str | None = None) -> RunOutcome:
+                 checkpoints: bool = False, resume_run_id: str | None = None,
+                 interrupts: Interrupts | None = None) -> RunOutcome:
     """Trains `cfg` inside one MLflow run in the active experiment and logs everything.
 
     With `checkpoints`, the training state is logged after every epoch; `resume_run_id`
     continues that (unfinished) run from its last checkpoint, in the same MLflow run.
     `cfg.threads` is resolved once here and logged (a resume reuses the run's number).
+    Ctrl-C and SIGTERM follow `interrupts` (a caller's, installed for longer: a process's),
+    or Interrupts installed for this run.
     """
     state = load_checkpoint(resume_run_id) if resume_run_id else None
     mnist, splits = prepare(cfg, mnist)
@@ -361,23 +383,25 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
 
     start = ({"run_id": resume_run_id} if resume_run_id else
              {"run_name": run_name or cfg.stage, "nested": nested, "tags": {"stage": cfg.stage, **(tags or {})}})
-    with tracked_run(log_system_metrics=True, **start) as run:
+    interrupts = interrupts if interrupts is not None else Interrupts()
+    # installed around the run, so that the run's end, too, is safe from a second signal
+    with interrupts.installed(), tracked_run(log_system_metrics=True, **start) as run:
         if state is None:  # a resumed run has all of this already
             mlflow.log_params(params)
             log_datasets(mnist, splits)
             mlflow.log_text(format_summary(layer_summary(model)), "model_summary.txt")
             if cfg.study_data:
                 log_data_study(splits, mean, std)
-        with DeferredInterrupt().installed() as interrupt:
+        with interrupts.deferred():
             try:
                 result = fit(C.replace(cfg, {"threads": n_threads}), splits, on_epoch_end=on_epoch,
                              progress=progress, model=model,
                              on_checkpoint=log_checkpoint if checkpoints or state else None,
-                             resume_from=state, stop_requested=interrupt)
+                             resume_from=state, stop_requested=interrupts)
             except KeyboardInterrupt:
-                interrupt.raise_if_set()  # as Interrupted, which says which signal it was
+                interrupts.raise_if_set()  # as Interrupted, which says which signal it was
                 raise
-            interrupt.raise_if_set()  # arrived during the last epoch's logging
+        interrupts.raise_if_set()  # arrived during the last epoch's logging
         if log_model_artifact:
             hold = log_results(cfg, splits, result)
         else:

@@ -20,8 +20,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from mnist_mlflow.train import Diverged, resolve_device
-from tracking import runs
-from tracking.mlflow_run import keep_status_after_parent, record_setup_error, stop_with_parent
+from tracking import mlflow_run, runs
 from tracking.store import check_server, check_store  # noqa: F401 - check_server: promote's import
 
 DEFAULT_EXPERIMENT = "mnist-mlflow"
@@ -130,26 +129,37 @@ def main(argv: list[str] | None = None) -> int:
                    help="check config, data, budget, device and store, then exit without a run")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    stop_with_parent()
+    parent = mlflow_run.attach()  # first: `mlflow.start_run` takes MLFLOW_RUN_ID from the environment
+    interrupts = runs.Interrupts()
+    with interrupts.installed():  # to the last line: a second signal must not cut the run's end short
+        return run_stage(args, interrupts, parent)
+
+
+def run_stage(args: argparse.Namespace, interrupts: runs.Interrupts,
+              parent: mlflow_run.Parent | None) -> int:
+    """The stage, under `mlflow run` (`parent`) or not; returns the exit status."""
     try:
         cfg, mnist = checked_setup(args)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        record_setup_error(str(exc))
+        if parent is not None:
+            parent.end_run("FAILED", error=str(exc))
         return 2
     except KeyboardInterrupt as exc:
+        if parent is not None:  # the run `mlflow run` made is all there is: KILLED, not FAILED
+            parent.end_run("KILLED")
+            exc.run_id = parent.run_id
         print(interrupted_line(exc), file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     if args.check:
         print(f"ok: {cfg.stage}, {cfg.optim.epochs} epochs, store {mlflow.get_tracking_uri()}")
         return 0
     try:
-        with runs.sigterm_as_interrupt():
-            outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress,
-                                        checkpoints=True, resume_run_id=args.resume or None)
+        outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress, checkpoints=True,
+                                    resume_run_id=args.resume or None, interrupts=interrupts)
     except KeyboardInterrupt as exc:
-        if getattr(exc, "run_id", None):
-            keep_status_after_parent(exc.run_id, "KILLED")  # under `mlflow run`: it would say FAILED
+        if parent is not None and getattr(exc, "run_id", None) == parent.run_id:
+            parent.keep("KILLED")  # `mlflow run` writes FAILED over it as it exits
         print(interrupted_line(exc), file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)  # the shell's convention: 130, 143
     except Diverged as exc:
