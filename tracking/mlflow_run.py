@@ -1,86 +1,146 @@
 """Our command as the child of `mlflow run`: what that parent does not do for us, or undoes.
 
-`mlflow run` (3.17) creates the run before our command starts, so a bad value leaves it
-behind; it does not pass SIGTERM on to our command; and when our command exits it sets the
-run's status itself, FINISHED on exit 0 and FAILED otherwise, even over the KILLED we set
-(its "already terminated?" check compares the status string with integer states).
-``python -m tracking.mlflow_run PID RUN_ID STATUS`` waits for process PID to exit, then puts
-STATUS back if the run was marked FAILED meanwhile.
+`mlflow run` (3.17) creates the run before our command starts and hands it over as MLFLOW_RUN_ID,
+which `mlflow.start_run` deletes from our environment: `attach()` reads it at our start. Then:
+
+- a bad value leaves that run behind: `Parent.end_run` ends it FAILED with the reason;
+- it does not pass SIGTERM on to our command: Linux's parent-death signal does, when `mlflow run`
+  dies (the bash that runs the MLproject command replaces itself by our command, so our parent
+  is `mlflow run` itself);
+- on Ctrl-C it sends our command SIGTERM on top of the terminal's SIGINT, at a moment of its
+  choosing (runs.Interrupts takes both as one request), and once our command has exited it sets
+  the run's status itself, FAILED on any non-zero exit, even over the KILLED we set (its "already
+  terminated?" check compares the status string with integer states).
+
+So `attach()` also starts a keeper, ``python -m tracking.mlflow_run RUN_ID PID STARTED``, in a
+session of its own (a terminal's Ctrl-C does not reach it). Our command tells it, through a pipe,
+the status it ended the run with; the keeper reads until our command has exited, however it
+ended, waits until `mlflow run` has exited too, so that nothing writes the status after it, and
+then puts our status back over a FAILED. No step depends on which process gets there first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
-import mlflow
+import psutil
 
-from tracking.store import check_store
+# MLflow is imported in the functions that use it: the keeper runs this module and idles
+# through the training without it.
 
 WAIT_S = 3600  # longest wait for `mlflow run` to exit after our command did
+STORE_RETRY_S = 600  # how long the keeper retries a store that fails (a busy SQLite file)
 
 
-def parent_run_id() -> str | None:
-    """The run `mlflow run` made for us (it sets MLFLOW_RUN_ID for its command only)."""
-    return os.environ.get("MLFLOW_RUN_ID") or None
+@dataclass
+class Parent:
+    """`mlflow run` above our command: the run it made, and our keeper with the pipe to it."""
+
+    run_id: str
+    keeper: subprocess.Popen
+    report_fd: int
+
+    def keep(self, status: str) -> None:
+        """The keeper puts `status` back if `mlflow run` writes over it as it exits."""
+        with contextlib.suppress(OSError):  # a keeper already gone: mlflow run's status stays
+            os.write(self.report_fd, f"{status}\n".encode())
+
+    def end_run(self, status: str, error: str | None = None) -> None:
+        """Ends the run `mlflow run` made, before ours began: a bad value (FAILED, the reason as
+        tag `error`, so the UI says why) or an interrupt (KILLED)."""
+        import mlflow
+
+        from tracking.store import check_store
+
+        try:
+            check_store()  # an unusable store fails in seconds, not after MLflow's retries
+            client = mlflow.MlflowClient()
+            if error:
+                client.set_tag(self.run_id, "error", error[:5000])
+            client.set_terminated(self.run_id, status)
+        except Exception:  # noqa: BLE001 - the store may be the problem; the message is printed anyway
+            return
+        self.keep(status)
+
+
+def attach() -> Parent | None:
+    """Under `mlflow run` (MLFLOW_RUN_ID set): its run, our death with it, and the keeper."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    pid = os.getppid()  # `mlflow run`'s: its bash replaced itself by our command
+    stop_with_parent()
+    return Parent(run_id, *start_keeper(run_id, pid))
 
 
 def stop_with_parent() -> None:
-    """SIGTERM us when `mlflow run` dies (Linux's parent-death signal)."""
-    if parent_run_id() and sys.platform.startswith("linux"):
+    """SIGTERM us when our parent dies (Linux's parent-death signal; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM),
+                                                ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
-def record_setup_error(message: str) -> None:
-    """The run `mlflow run` made ends FAILED with the reason as tag `error`, so the UI says why."""
-    run_id = parent_run_id()
-    if not run_id:
-        return
+def start_keeper(run_id: str, pid: int) -> tuple[subprocess.Popen, int]:
+    """Starts the keeper with the read end of a pipe as its stdin; returns it and the write end.
+
+    Only our command holds the write end (a pipe's ends are not inherited by the processes it
+    starts), so the keeper sees the end of its input exactly when our command has exited.
+    """
+    read_fd, write_fd = os.pipe()
+    started = psutil.Process(pid).create_time()
+    keeper = subprocess.Popen([sys.executable, "-m", "tracking.mlflow_run", run_id, str(pid), repr(started)],
+                              stdin=read_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    os.close(read_fd)
+    return keeper, write_fd
+
+
+def running(pid: int, started: float) -> bool:
+    """The process `pid` that started at `started` has not exited (a zombie has)."""
     try:
-        check_store()  # an unusable store fails in seconds, not after MLflow's retries
-        client = mlflow.MlflowClient()
-        client.set_tag(run_id, "error", message[:5000])
-        client.set_terminated(run_id, "FAILED")
-    except Exception:  # noqa: BLE001 - the store may be the problem; the message is printed anyway
-        pass
-
-
-def keep_status_after_parent(run_id: str, status: str = "KILLED") -> None:
-    """Starts a watcher that restores `status` once `mlflow run` has exited and overwritten it."""
-    if parent_run_id() != run_id:
-        return
-    subprocess.Popen([sys.executable, "-m", "tracking.mlflow_run", str(os.getppid()), run_id, status],
-                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+
+
+def restore(run_id: str, status: str) -> None:
+    """Puts `status` back over `mlflow run`'s FAILED, until the store says it is there.
+
+    Any other status is left alone: ours still, or a resume that has begun.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + STORE_RETRY_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # a busy or restarting store: try again
+            current = client.get_run(run_id).info.status
+            if current == status or current != "FAILED":
+                return
+            client.set_terminated(run_id, status)
+        time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    pid, run_id, status = (argv or sys.argv[1:])[:3]
+    """The keeper: our command's report on stdin, then `restore` once `mlflow run` has exited."""
+    run_id, pid, started = (argv or sys.argv[1:])[:3]
+    said = sys.stdin.read().split()  # returns once our command has exited
+    if not said:  # finished, failed, or killed before it could say: mlflow run's status is right
+        return 0
+    status = said[-1]
     deadline = time.monotonic() + WAIT_S
-    while _alive(int(pid)) and time.monotonic() < deadline:
+    while running(int(pid), float(started)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    client = mlflow.MlflowClient()
-    if client.get_run(run_id).info.status == "FAILED":  # mlflow run's overwrite; not a resumed run
-        client.set_terminated(run_id, status)
+    restore(run_id, status)
     return 0
 
 

@@ -29,7 +29,7 @@ from tracking import hardware, liveness
 from tracking.checkpoints import THREADS_PARAM, load_checkpoint, log_checkpoint, resumed_threads
 from tracking.provenance import git_commit, log_datasets, versions
 from tracking.run_logging import log_data_study, log_epoch, log_results, summarize, summary_text
-from tracking.signals import DeferredInterrupt
+from tracking.signals import Interrupts
 
 
 class StopRun(Exception):
@@ -105,12 +105,15 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
                  nested: bool = False, tags: dict[str, str] | None = None,
                  on_epoch_end: Optional[Callable[[EpochMetrics], Optional[bool]]] = None,
                  log_model_artifact: bool = True, progress: bool = True,
-                 checkpoints: bool = False, resume_run_id: str | None = None) -> RunOutcome:
+                 checkpoints: bool = False, resume_run_id: str | None = None,
+                 interrupts: Interrupts | None = None) -> RunOutcome:
     """Trains `cfg` inside one MLflow run in the active experiment and logs everything.
 
     With `checkpoints`, the training state is logged after every epoch; `resume_run_id`
     continues that (unfinished) run from its last checkpoint, in the same MLflow run.
     `cfg.threads` is resolved once here and logged (a resume reuses the run's number).
+    Ctrl-C and SIGTERM follow `interrupts` (a caller's, installed for longer: a process's),
+    or Interrupts installed for this run.
     """
     state = load_checkpoint(resume_run_id) if resume_run_id else None
     mnist, splits = prepare(cfg, mnist)
@@ -131,23 +134,25 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
 
     start = ({"run_id": resume_run_id} if resume_run_id else
              {"run_name": run_name or cfg.stage, "nested": nested, "tags": {"stage": cfg.stage, **(tags or {})}})
-    with tracked_run(log_system_metrics=True, **start) as run:
+    interrupts = interrupts if interrupts is not None else Interrupts()
+    # installed around the run, so that the run's end, too, is safe from a second signal
+    with interrupts.installed(), tracked_run(log_system_metrics=True, **start) as run:
         if state is None:  # a resumed run has all of this already
             mlflow.log_params(params)
             log_datasets(mnist, splits)
             mlflow.log_text(format_summary(layer_summary(model)), "model_summary.txt")
             if cfg.study_data:
                 log_data_study(splits, mean, std)
-        with DeferredInterrupt().installed() as interrupt:
+        with interrupts.deferred():
             try:
                 result = fit(C.replace(cfg, {"threads": n_threads}), splits, on_epoch_end=on_epoch,
                              progress=progress, model=model,
                              on_checkpoint=log_checkpoint if checkpoints or state else None,
-                             resume_from=state, stop_requested=interrupt)
+                             resume_from=state, stop_requested=interrupts)
             except KeyboardInterrupt:
-                interrupt.raise_if_set()  # as Interrupted, which says which signal it was
+                interrupts.raise_if_set()  # as Interrupted, which says which signal it was
                 raise
-            interrupt.raise_if_set()  # arrived during the last epoch's logging
+        interrupts.raise_if_set()  # arrived during the last epoch's logging
         if log_model_artifact:
             hold = log_results(cfg, splits, result)
         else:

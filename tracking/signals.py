@@ -33,41 +33,60 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class DeferredInterrupt:
-    """Ctrl-C and SIGTERM during training set a flag that training checks between batches.
+class Interrupts:
+    """Ctrl-C and SIGTERM while installed: the first one is the request to stop.
 
-    So the interrupt never lands inside MLflow's logging or a checkpoint's upload (where it
-    could leave the store half-written); the same signal again interrupts at once. Another
-    signal does not: `mlflow run` answers Ctrl-C by sending its command SIGTERM, which is the
-    same request, and must not cut the checkpoint short.
+    It raises `Interrupted` at once, except while `deferred()` (training): there it sets a flag
+    that training checks between batches, so it never lands inside MLflow's logging or a
+    checkpoint's upload (where it could leave the store half-written). After it, the same signal
+    again interrupts at once (a second Ctrl-C) and the other one is ignored, through the end of
+    the run: `mlflow run` answers Ctrl-C by sending its command SIGTERM, the same request, at a
+    moment of its choosing, and it must cut short neither a checkpoint nor the run's end.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._deferring = self._installed = False
 
     def __call__(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum, _frame) -> None:
-        if self.signum == signum:
-            raise Interrupted(signum, again=True)
         if self.signum is None:
             self.signum = signum
+            if not self._deferring:
+                raise Interrupted(signum)
+        elif signum == self.signum:
+            raise Interrupted(signum, again=True)
 
     def raise_if_set(self) -> None:
         if self.signum is not None:
             raise Interrupted(self.signum)
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["DeferredInterrupt"]:
+    def deferred(self) -> Iterator["Interrupts"]:
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["Interrupts"]:
+        """Its handlers, the previous ones back at the end; inside its own scope, nothing more."""
+        if self._installed:
+            yield self
+            return
         sigs = (signal.SIGINT, signal.SIGTERM)
         try:
             previous = [signal.signal(s, self._handle) for s in sigs]
         except ValueError:  # not the main thread: leave signals alone
             yield self
             return
+        self._installed = True
         try:
             yield self
         finally:
+            self._installed = False
             for s, handler in zip(sigs, previous):
                 signal.signal(s, handler)

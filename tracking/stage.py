@@ -19,9 +19,8 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from mnist_mlflow.train import Diverged, resolve_device
-from tracking import checkpoints, cli, runs
-from tracking.mlflow_run import keep_status_after_parent, record_setup_error, stop_with_parent
-from tracking.signals import sigterm_as_interrupt
+from tracking import checkpoints, cli, mlflow_run, runs
+from tracking.signals import Interrupts
 from tracking.store import check_store
 
 
@@ -89,27 +88,37 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop_with_parent()
+    parent = mlflow_run.attach()  # first: `mlflow.start_run` takes MLFLOW_RUN_ID from the environment
+    interrupts = Interrupts()
+    with interrupts.installed():  # to the last line: a second signal must not cut the run's end short
+        return run_stage(argv, interrupts, parent)
+
+
+def run_stage(argv: list[str] | None, interrupts: Interrupts, parent: mlflow_run.Parent | None) -> int:
+    """The stage, under `mlflow run` (`parent`) or not; returns the exit status."""
     try:
         args = parser().parse_args(argv)
         cfg, mnist = checked_setup(args)
     except (SetupError, C.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        record_setup_error(str(exc))
+        if parent is not None:
+            parent.end_run("FAILED", error=str(exc))
         return 2
     except KeyboardInterrupt as exc:
+        if parent is not None:  # the run `mlflow run` made is all there is: KILLED, not FAILED
+            parent.end_run("KILLED")
+            exc.run_id = parent.run_id
         print(interrupted_line(exc), file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     if args.check:
         print(f"ok: {cfg.stage}, {cfg.optim.epochs} epochs, store {mlflow.get_tracking_uri()}")
         return 0
     try:
-        with sigterm_as_interrupt():
-            outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress,
-                                        checkpoints=True, resume_run_id=args.resume or None)
+        outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress, checkpoints=True,
+                                    resume_run_id=args.resume or None, interrupts=interrupts)
     except KeyboardInterrupt as exc:
-        if getattr(exc, "run_id", None):
-            keep_status_after_parent(exc.run_id, "KILLED")  # under `mlflow run`: it would say FAILED
+        if parent is not None and getattr(exc, "run_id", None) == parent.run_id:
+            parent.keep("KILLED")  # `mlflow run` writes FAILED over it as it exits
         print(interrupted_line(exc), file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)  # the shell's convention: 130, 143
     except Diverged as exc:
@@ -118,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     print(outcome.summary(cfg), end="")
     print(f"run_id: {outcome.run_id}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
