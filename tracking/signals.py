@@ -56,8 +56,10 @@ class Interrupts:
             self.signum = signum
             if not self._deferring:
                 raise Interrupted(signum)
-        elif signum == self.signum:
+        elif signum == self.signum == signal.SIGINT:  # a person's second Ctrl-C
             raise Interrupted(signum, again=True)
+        # a repeated SIGTERM is a machine's (mlflow run's, then the parent-death signal): the
+        # same request, which must not cut the checkpoint or the run's end short
 
     def raise_if_set(self) -> None:
         if self.signum is not None:
