@@ -28,7 +28,9 @@ from typing import Iterator, Optional
 
 import mlflow
 import psutil
-from mlflow.entities import Run
+from mlflow.entities import Run, RunTag
+
+from tracking.shared_writes import retrying
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ def owner_tags(shared: bool = False, interval_s: float = HEARTBEAT_S) -> dict[st
 
 
 def beat(run_id: str) -> None:
-    mlflow.MlflowClient().set_tag(run_id, HEARTBEAT, f"{time.time():.3f}")
+    # retrying: a shared run's other owners beat too
+    retrying(lambda: mlflow.MlflowClient().set_tag(run_id, HEARTBEAT, f"{time.time():.3f}"))
 
 
 class Heartbeat:
@@ -73,9 +76,9 @@ class Heartbeat:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "Heartbeat":
-        client = mlflow.MlflowClient()
-        for key, value in owner_tags(self.shared, self.interval_s).items():
-            client.set_tag(self.run_id, key, value)
+        tags = [RunTag(k, v) for k, v in owner_tags(self.shared, self.interval_s).items()]
+        # retrying: the other owners of a shared run may record themselves at the same moment
+        retrying(lambda: mlflow.MlflowClient().log_batch(self.run_id, tags=tags))
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.run_id[:8]}",
                                         daemon=True)
         self._thread.start()

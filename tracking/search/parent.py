@@ -9,7 +9,7 @@
   when other processes may hold it too, so tracking.doctor closes it only when none is left.
 - **Ended** on the way out, with the summary (report.py) and the status the run lifecycle
   decides (runs.held), by a process that leaves no trial of the study running; while
-  other workers of a shared search are still at it, it stays RUNNING.
+  other workers of a shared search are still at it, it stays RUNNING and is not summarized.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
 from tracking import runs
+from tracking.shared_writes import retrying
 from tracking.search import names as N
 from tracking.search import report
 from tracking.search.plan import Plan
@@ -144,14 +145,20 @@ def held(plan: Plan, storage: optuna.storages.BaseStorage, run_id: str) -> Itera
         with runs.held(run_id, end, shared=plan.shared):
             yield
             summarized = True  # a failing summary fails the run, and is not tried again
-            report.log_summary(load(plan, storage), plan.spec, run_id)
+            if last_out(plan, storage):
+                summarize(plan, storage, run_id)
     except BaseException:
         if not summarized:
             quietly("log the search summary",
-                    lambda: report.log_summary(load(plan, storage), plan.spec, run_id))
+                    lambda: last_out(plan, storage) and summarize(plan, storage, run_id))
         quietly("end the parent run", lambda: end_parent(plan, storage, run_id, end.status))
         raise
     end_parent(plan, storage, run_id, end.status)
+
+
+def summarize(plan: Plan, storage: optuna.storages.BaseStorage, run_id: str) -> None:
+    # retrying: two workers of a shared search that finish together both write it
+    retrying(lambda: report.log_summary(load(plan, storage), plan.spec, run_id))
 
 
 def quietly(what: str, call: Callable[[], object]) -> None:
@@ -165,15 +172,22 @@ def load(plan: Plan, storage: optuna.storages.BaseStorage) -> optuna.Study:
     return optuna.load_study(study_name=plan.study_name, storage=storage)
 
 
+def last_out(plan: Plan, storage: optuna.storages.BaseStorage) -> bool:
+    """No trial of the study runs elsewhere: this process summarizes and ends the parent. (A
+    worker summarizing while another's trial runs could name a best trial that is overtaken.)"""
+    if not plan.shared:
+        return True
+    study = load(plan, storage)
+    fail_stale_trials(study)  # a dead worker's trial does not keep the parent open
+    return not tally(study)[TrialState.RUNNING]
+
+
 def end_parent(plan: Plan, storage: optuna.storages.BaseStorage, run_id: str, status: str) -> bool:
     """Ends the run with `status` unless trials of the shared study still run elsewhere.
 
     Returns whether it ended the run.
     """
-    if plan.shared:
-        study = load(plan, storage)
-        fail_stale_trials(study)  # a dead worker's trial does not keep the parent open
-        if tally(study)[TrialState.RUNNING]:
-            return False
+    if not last_out(plan, storage):
+        return False
     mlflow.MlflowClient().set_terminated(run_id, status)
     return True

@@ -67,3 +67,24 @@ def test_under_mlflow_run_the_entry_points_run_is_the_parent(tmp_path, mnist, tr
     assert run.data.params["search.n_trials"] == "1" and run.data.metrics["n_complete"] == 1
     (child,) = child_runs(entry.info.run_id)
     assert child.info.experiment_id == experiment_id and child.info.status == "FINISHED"
+
+
+def test_the_last_worker_out_summarizes_and_ends_the_parent(tmp_path, mnist, tracking_uri):
+    """A worker leaving while another's trial trains neither summarizes (the best trial could
+    still be overtaken, and MLflow params cannot change) nor ends the parent."""
+    config = write_search(tmp_path, ROTATION)
+    first = run_search(shared(tmp_path, config, study_trials=1), mnist=mnist)
+    elsewhere = first.study.ask()  # another worker's trial, training
+
+    # waits for that trial (it has no heartbeat, so it never goes stale), then gives up
+    idle = run_search(shared(tmp_path, config, study_trials=2, timeout=2), mnist=mnist)
+    run = mlflow.get_run(first.parent_run_id)
+    assert idle.parent_run_id == first.parent_run_id
+    assert run.info.status == "RUNNING" and run.data.metrics["n_complete"] == 1
+    assert run.data.metrics.get("n_unfinished", 0) == 0  # the first worker's summary, untouched
+
+    elsewhere.set_user_attr(N.NUM_PARAMS, 7000)
+    first.study.tell(elsewhere, 99.0)  # that worker finishes... and dies before its summary
+    last = run_search(shared(tmp_path, config, study_trials=2), mnist=mnist)
+    run = mlflow.get_run(last.parent_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["n_complete"] == 2
