@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from mnist_mlflow.data import Mnist, Splits
+from tracking.shared_writes import retrying
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
 
@@ -50,13 +50,6 @@ def log_datasets(mnist: Mnist, splits: Splits) -> None:
             continue
         ds = mlflow.data.from_numpy(x, targets=y, source=dataset_source(mnist.source), name=f"mnist-{name}",
                                     digest=f"{mnist.digest}-{name}-{len(y)}")
-        for attempt in range(3):
-            try:
-                mlflow.log_input(ds, context=context)
-                break
-            except mlflow.MlflowException as exc:
-                # two processes logging the same dataset at once (search workers): the loser's
-                # INSERT hits the store's unique index; the second try finds the dataset there
-                if "datasets" not in str(exc).lower() or attempt == 2:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        # retrying: search workers log the same dataset at once, and the loser's INSERT hits the
+        # store's unique index; the next try finds the dataset there
+        retrying(lambda: mlflow.log_input(ds, context=context))

@@ -1,7 +1,7 @@
 """Writes that several processes may make to one run at the same moment.
 
-MLflow's SQL store sets a tag (and a run's latest metric) by looking for its row, then inserting
-it when absent. Two processes writing the same new key at once both insert, and one of them gets
+MLflow's SQL store sets a tag (and logs a dataset, or a run's latest metric) by looking for its
+row, then inserting it when absent. Two processes writing the same new key at once both insert, and one of them gets
 a unique-key violation (SQLite, PostgreSQL, MySQL alike) though nothing is wrong: written again,
 the row exists and is updated. `retrying` does that; any other error is raised at once.
 """

@@ -29,12 +29,12 @@ from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
 from tracking import runs
-from tracking.shared_writes import retrying
 from tracking.search import names as N
 from tracking.search import report
 from tracking.search.plan import Plan
 from tracking.search.study import redact
 from tracking.search.workers import fail_stale_trials, tally
+from tracking.shared_writes import retrying
 
 JOIN_WAIT_S = 60  # how long a joining worker waits for the creator to record the parent run
 
