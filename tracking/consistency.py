@@ -1,6 +1,6 @@
 """One configuration over several seeds, as nested runs under one parent run.
 
-    python -m tracking.consistency experiments/stage3.yaml --seeds 5
+    python -m tracking.consistency experiments/stage3.yaml --seeds 5 [--first-seed 1]
 
 The parent logs how many seeds held the config's target (test accuracy >= target.accuracy
 for target.hold epochs within the run's epochs), when each hold completed, and final and best
@@ -49,7 +49,8 @@ def summarize(outcomes: list[runs.RunOutcome], cfg: C.RunConfig) -> dict[str, fl
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m tracking.consistency", __doc__)
     p.add_argument("config", help="experiment file, e.g. experiments/stage3.yaml")
-    cli.add(p, "--seeds", int, 1, unset=5, help="seeds 1..N (default 5)")
+    cli.add(p, "--seeds", int, 1, unset=5, help="how many seeds (default 5)")
+    cli.add(p, "--first-seed", int, 0, unset=1, help="the first seed (default 1): seeds FIRST..FIRST+N-1")
     cli.add_overrides(p, *cli.OVERRIDES)
     cli.add_experiment(p)
     try:
@@ -58,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SetupError, C.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     with sigterm_as_interrupt(), runs.tracked_run(run_name=f"{cfg.stage}-consistency",
                                                        tags={"stage": f"{cfg.stage}-consistency"}):
-        mlflow.log_params({**C.flatten(cfg), "seeds": args.seeds})
+        mlflow.log_params({**C.flatten(cfg), "seeds": args.seeds, "first_seed": args.first_seed})
         outcomes = []
         for seed in seeds:
             seed_cfg = C.replace(cfg, {"seed": seed})
