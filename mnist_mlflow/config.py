@@ -35,6 +35,9 @@ class DataConfig:
     data_dir: Optional[str] = None  # folder of standard MNIST IDX files, instead of the cached wheel
 
 
+WIDTHS = ("width1", "width2", "width_transition", "width3", "width4", "width5", "width6")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["tiny", "barebone"] = "tiny"
@@ -43,7 +46,8 @@ class ModelConfig:
     width_transition: Optional[int] = None  # the 1x1 after the pooling; null: width1
     width3: Optional[int] = None  # the three 3x3 convolutions after the transition; null: width2
     width4: Optional[int] = None
-    width5: Optional[int] = None  # also what the head's 1x1 reads
+    width5: Optional[int] = None  # also what the head's 1x1 reads, unless width6 is set
+    width6: Optional[int] = None  # a fourth 3x3 convolution (6x6 -> 4x4, RF 22); null: none
     dropout: float = 0.05
     dropout_mask: Literal["bernoulli", "sparse"] = "bernoulli"  # see layers.DROPOUTS
     channels_last_conv: bool = False  # see layers.ChannelsLastConv2d
@@ -129,7 +133,7 @@ def validate(c: RunConfig) -> None:
         v = getattr(d, name)
         _check(v is None or v > 0, f"data.{name}", v, "a positive integer or null")
     _check(0 <= d.val_size < 60000, "data.val_size", d.val_size, "0 <= val_size < 60000")
-    for name in ("width1", "width2", "width_transition", "width3", "width4", "width5"):
+    for name in WIDTHS:
         v = getattr(m, name)
         _check(v is None or v > 0, f"model.{name}", v, "a positive integer" +
                ("" if name in ("width1", "width2") else " or null"))

@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import WIDTHS, ModelConfig
 from .layers import DROPOUTS, ChannelsLastConv2d, ChannelsLastMaxPool2d, ToContiguous
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of pixels / 255, over the 60,000 training images
@@ -61,7 +61,8 @@ def conv_bn(cin: int, cout: int, dropout: float, kernel: int = 3, mask: str = "b
 class TinyNet(nn.Module):
     """The constrained network of stages 2 and 3: 3x3 convs, BatchNorm, dropout, GAP head.
 
-    28 -> 26 -> 24 (RF 5) -> maxpool 12 -> 1x1 -> 10 -> 8 -> 6 (RF 18) -> GAP -> 1x1 -> 10.
+    28 -> 26 -> 24 (RF 5) -> maxpool 12 -> 1x1 -> 10 -> 8 -> 6 (RF 18) -> GAP -> 1x1 -> 10;
+    with `width6`, a fourth 3x3 convolution: 6 -> 4 (RF 22) before the GAP.
     `mask` and `channels_last` choose how dropout, convolutions and pooling run, not what they
     compute. `pool_before_bn` pools the second convolution's output before its BatchNorm, ReLU
     and dropout (same parameters and receptive fields, a quarter of their work).
@@ -71,7 +72,8 @@ class TinyNet(nn.Module):
                  mean: float = MNIST_MEAN, std: float = MNIST_STD, mask: str = "bernoulli",
                  channels_last: bool = False, pool_before_bn: bool = False,
                  width_transition: int | None = None, width3: int | None = None,
-                 width4: int | None = None, width5: int | None = None):
+                 width4: int | None = None, width5: int | None = None,
+                 width6: int | None = None):
         super().__init__()
         w1, w2 = width1, width2
         wt, w3, w4, w5 = width_transition or w1, width3 or w2, width4 or w2, width5 or w2
@@ -83,8 +85,10 @@ class TinyNet(nn.Module):
         else:
             layers += [block(w1, w2), (ChannelsLastMaxPool2d if channels_last else nn.MaxPool2d)(2)]
         layers += [block(w2, wt, kernel=1), block(wt, w3), block(w3, w4), block(w4, w5)]
+        if width6:
+            layers.append(block(w5, width6))
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(w5, 10, 1), nn.Flatten())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width6 or w5, 10, 1), nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -120,7 +124,7 @@ def build_model(cfg: ModelConfig, mean: float = MNIST_MEAN, std: float = MNIST_S
         model = TinyNet(cfg.width1, cfg.width2, cfg.dropout, mean, std, mask=cfg.dropout_mask,
                         channels_last=cfg.channels_last_conv, pool_before_bn=cfg.pool_before_bn,
                         width_transition=cfg.width_transition, width3=cfg.width3, width4=cfg.width4,
-                        width5=cfg.width5)
+                        width5=cfg.width5, width6=cfg.width6)
     elif cfg.arch == "barebone":
         model = BareboneNet(mean, std)
     else:
@@ -134,8 +138,7 @@ def build_model(cfg: ModelConfig, mean: float = MNIST_MEAN, std: float = MNIST_S
 
 def widths_text(cfg: ModelConfig) -> str:
     """The set widths, as config paths: ``width1=9, width2=16, width3=12``."""
-    names = ("width1", "width2", "width_transition", "width3", "width4", "width5")
-    return ", ".join(f"{n}={getattr(cfg, n)}" for n in names if getattr(cfg, n) is not None)
+    return ", ".join(f"{n}={getattr(cfg, n)}" for n in WIDTHS if getattr(cfg, n) is not None)
 
 
 def param_count_of(cfg: ModelConfig) -> int:

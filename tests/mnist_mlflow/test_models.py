@@ -67,3 +67,18 @@ def test_an_evaluating_model_refuses_pixels_outside_the_contract(bad):
         model(x)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # the edges of the range are fine
     model.train()(x.clamp(0, 255).nan_to_num(0.0))  # training batches are not checked (no sync)
+
+
+def test_width6_adds_a_fourth_3x3_conv_that_reaches_rf_22_on_a_4x4_map():
+    cfg = ModelConfig(width1=8, width2=14, width_transition=8, width3=14, width4=14, width5=14,
+                      width6=14, pool_before_bn=True)
+    model = build_model(cfg)
+    # convs 72+1008+112+1008+1764*3, BN 2*(8+14+8+14*4), head 14*10+10
+    assert count_params(model) == param_count_of(cfg) == 7814
+    rows = layer_summary(model)
+    convs = [r for r in rows if r.kind.endswith("Conv2d") and r.name.startswith("features.")]
+    assert convs[-1].output_shape == (14, 4, 4) and convs[-1].receptive_field == 22
+    assert model.eval()(torch.full((2, 1, 28, 28), 255.0)).shape == (2, 10)
+    assert count_params(build_model(ModelConfig(width6=None))) == 7759  # null: stage 3's net
+    with pytest.raises(BudgetError, match="width6=16"):
+        build_model(ModelConfig(width6=16))
