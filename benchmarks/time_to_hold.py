@@ -126,7 +126,8 @@ def run_loader(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
         start = time.perf_counter()
         model.train()
         for xb, yb in train:
-            train_step(model, xb, yb, opt, sched if per_batch else None, autocast)
+            train_step(model, xb, yb, opt, sched if per_batch else None, autocast,
+                       cfg.optim.label_smoothing)
             if ema is not None:
                 ema.update_parameters(model)
         evaluated.eval()

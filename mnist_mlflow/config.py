@@ -71,6 +71,7 @@ class OptimConfig:
     batch_size: int = 128
     epochs: int = 15
     ema_decay: Optional[float] = None  # evaluate (and keep) an exponential moving average of the weights
+    label_smoothing: float = 0.0  # training targets: 1 - s on the label plus s / 10 on every class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,8 @@ def validate(c: RunConfig) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "weight_decay >= 0")
     _check(o.batch_size > 0, "optim.batch_size", o.batch_size, "batch_size > 0")
     _check(o.epochs > 0, "optim.epochs", o.epochs, "epochs > 0")
+    _check(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", o.label_smoothing,
+           "0 <= label_smoothing < 1")
     _check(o.ema_decay is None or 0.0 < o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay,
            "null or 0 < ema_decay < 1")
     _check(s.max_lr > 0, "schedule.max_lr", s.max_lr, "max_lr > 0")

@@ -185,11 +185,12 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: 
 
 
 def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, opt: torch.optim.Optimizer,
-               batch_sched, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; `batch_sched` (or None) steps per batch. Returns (logits, loss)."""
+               batch_sched, autocast, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; `batch_sched` (or None) steps per batch. Returns (logits, loss), the
+    loss against the smoothed targets."""
     with autocast:
         logits = model(xb).float()
-    loss = F.cross_entropy(logits, yb)
+    loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -258,7 +259,8 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
             idx = order[i * bs:(i + 1) * bs]
             xb = augment_batch(train_x[idx].float(), cfg.augment, gen)
             yb = train_y[idx]
-            logits, loss = train_step(model, xb, yb, opt, sched if per_batch else None, autocast)
+            logits, loss = train_step(model, xb, yb, opt, sched if per_batch else None, autocast,
+                                      cfg.optim.label_smoothing)
             if ema is not None:
                 ema.update_parameters(model)
             # accumulate on the device; one sync per epoch below

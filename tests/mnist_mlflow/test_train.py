@@ -128,3 +128,14 @@ def test_a_non_finite_loss_stops_training_naming_the_epoch(mnist, tiny_config):
         fit(cfg, make_splits(mnist, train_limit=2000, test_limit=500), on_epoch_end=seen.append,
             progress=False)
     assert seen == []  # nothing of that epoch reaches the callbacks
+
+
+def test_label_smoothing_changes_the_training_loss_not_the_first_forward_pass(mnist, tiny_config):
+    cfg = C.replace(tiny_config, {"optim.epochs": 1})
+    splits = make_splits(mnist, train_limit=600, test_limit=200)
+    plain = fit(cfg, splits, progress=False).history[0]
+    smooth = fit(C.replace(cfg, {"optim.label_smoothing": 0.1}), splits, progress=False).history[0]
+    # smoothed targets keep the loss above the entropy of (0.9 + 0.01, 0.01 x 9): about 0.5 nats
+    assert smooth.train_loss > plain.train_loss and smooth.train_loss > 0.5
+    with pytest.raises(C.ConfigError, match="optim.label_smoothing=1.0 is not allowed: 0 <= label_smoothing < 1"):
+        C.replace(cfg, {"optim.label_smoothing": 1.0})
