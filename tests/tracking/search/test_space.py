@@ -70,7 +70,7 @@ def test_the_search_file_keeps_the_assignments_fixed_points_and_searches_the_res
     assert {"optim.epochs", "optim.name", "optim.batch_size", "optim.ema_decay", "schedule.max_lr",
             "schedule.pct_start", "schedule.anneal", "augment.thickness_prob", "model.width1",
             "model.width2", "model.width_transition", "model.width3", "model.width4",
-            "model.width5"} <= set(space)
+            "model.width5", "model.width6"} <= set(space)
     assert spec.horizon == 15 and spec.threshold == pytest.approx(99.3)
     with pytest.raises(ConfigError, match="fixes it"):  # the file refuses to search them
         load_search(write_search(Path(tempfile.mkdtemp()), ROTATION,
