@@ -130,7 +130,7 @@ def test_a_non_finite_loss_stops_training_naming_the_epoch(mnist, tiny_config):
     assert seen == []  # nothing of that epoch reaches the callbacks
 
 
-def test_label_smoothing_changes_the_training_loss_not_the_first_forward_pass(mnist, tiny_config):
+def test_label_smoothing_trains_against_smoothed_targets_and_refuses_one(mnist, tiny_config):
     cfg = C.replace(tiny_config, {"optim.epochs": 1})
     splits = make_splits(mnist, train_limit=600, test_limit=200)
     plain = fit(cfg, splits, progress=False).history[0]
