@@ -67,6 +67,7 @@ class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"  # adamw: weight decay decoupled from the gradient
     lr: float = 0.01  # base lr; OneCycle's peak is schedule.max_lr
     momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only: Nesterov momentum (needs momentum > 0)
     weight_decay: float = 0.0
     batch_size: int = 128
     epochs: int = 15
@@ -148,6 +149,8 @@ def validate(c: RunConfig) -> None:
     _check(0.0 <= a.translate_px <= 14.0, "augment.translate_px", a.translate_px, "0 <= translate_px <= 14")
     _check(o.lr > 0, "optim.lr", o.lr, "lr > 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
+    _check(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov", o.nesterov,
+           "true only with optim.name=sgd and optim.momentum > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "weight_decay >= 0")
     _check(o.batch_size > 0, "optim.batch_size", o.batch_size, "batch_size > 0")
     _check(o.epochs > 0, "optim.epochs", o.epochs, "epochs > 0")

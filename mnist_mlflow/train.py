@@ -165,7 +165,8 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int):

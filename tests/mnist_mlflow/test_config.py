@@ -32,6 +32,8 @@ def test_flatten_round_trips_through_overrides():
     ("augment.rotation_degrees=-5", "augment.rotation_degrees=-5.0 is not allowed"),
     ("optim.batch_size=abc", "optim.batch_size='abc' is not allowed: an integer"),
     ("optim.lrr=0.1", "unknown key 'optim.lrr'"),
+    ("optim.nesterov=true", "optim.nesterov=True is not allowed: true only with optim.name=sgd and "
+                            "optim.momentum > 0"),  # stage 3 is Adam
     ("nonsense", "must look like section.key=value"),
 ])
 def test_bad_values_name_the_value_and_what_is_allowed(override, message):

@@ -130,6 +130,19 @@ def test_a_non_finite_loss_stops_training_naming_the_epoch(mnist, tiny_config):
     assert seen == []  # nothing of that epoch reaches the callbacks
 
 
+def test_sgd_takes_nesterov_momentum_from_the_config(tiny_config):
+    from mnist_mlflow.models import build_model
+    from mnist_mlflow.train import make_optimizer
+
+    cfg = C.replace(tiny_config, {"optim.name": "sgd", "optim.momentum": 0.8, "optim.nesterov": True})
+    opt = make_optimizer(build_model(cfg.model), cfg)
+    group = opt.param_groups[0]
+    assert type(opt) is torch.optim.SGD
+    assert (group["nesterov"], group["momentum"]) == (True, 0.8)
+    with pytest.raises(C.ConfigError, match="optim.nesterov=True is not allowed"):
+        C.replace(cfg, {"optim.momentum": 0.0})
+
+
 def test_label_smoothing_trains_against_smoothed_targets_and_refuses_one(mnist, tiny_config):
     cfg = C.replace(tiny_config, {"optim.epochs": 1})
     splits = make_splits(mnist, train_limit=600, test_limit=200)

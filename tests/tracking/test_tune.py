@@ -71,7 +71,7 @@ def test_mlproject_entries_pass_every_parameter_and_empty_means_the_default(entr
     flags = {a.split("=")[0] for a in argv if a.startswith("--")}
     assert {f"--{n.replace('_', '-')}" for n in params} <= flags
     if entry == "confirm":
-        assert set(params) == {"storage", "study_name", "top", "seeds", "precisions", "threads",
+        assert set(params) == {"config", "storage", "study_name", "top", "seeds", "precisions", "threads",
                                "final_seeds", "final_precisions", "epochs", "train_limit",
                                "test_limit", "set"}
     else:

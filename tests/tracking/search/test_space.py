@@ -3,6 +3,7 @@ the assignment's fixed points and the budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def test_the_search_file_keeps_the_assignments_fixed_points_and_searches_the_res
     with pytest.raises(ConfigError, match="fixes it"):  # the file refuses to search them
         load_search(write_search(Path(tempfile.mkdtemp()), ROTATION,
                                  fixed=["augment.rotation_degrees"]))
+
+
+def test_the_sgd_search_is_the_search_with_sgd_its_lr_range_and_nesterov():
+    """experiments/search_sgd.yaml derives from search.yaml: only the optimizer's keys differ."""
+    adam, sgd = load_search(SEARCH_YAML), load_search(ROOT / "experiments/search_sgd.yaml")
+    a, b = C.flatten(adam.base), C.flatten(sgd.base)
+    assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {"optim.name": ("adam", "sgd")}
+    assert sgd.settings == dataclasses.replace(adam.settings, study_name="mnist-hold-sgd", enqueue_base=False)
+    space_a, space_b = ({p.path: p.distribution for p in s.space} for s in (adam, sgd))
+    differs = {k for k in space_a.keys() | space_b.keys() if space_a.get(k) != space_b.get(k)}
+    assert differs == {"optim.name", "optim.nesterov", "schedule.max_lr"}
+    assert space_b["optim.name"].choices == ("sgd",) and space_b["optim.nesterov"].choices == (False, True)
+    assert space_b["schedule.max_lr"].low > space_a["schedule.max_lr"].low  # SGD wants ~10x Adam's
 
 
 def test_the_budget_is_a_search_setting_and_binds(tmp_path):
