@@ -107,8 +107,7 @@ def load_search(path: str | Path, overrides: dict[str, Any] | None = None,
     if not path.is_file():
         raise ConfigError(f"search file {str(path)!r} does not exist")
     raw = C.read_file(path)  # with the file it extends (experiments/stage3.yaml)
-    parent = C.read_yaml(path).get(C.EXTENDS)
-    extends = str((path.parent / parent).resolve()) if parent else None
+    extends = stage_file(path)
     # config.load refuses unknown top-level keys, so split ours off before it sees them.
     space_raw, settings_raw = raw.pop("space", None), raw.pop("search", None) or {}
     if max_params is not None:
@@ -129,6 +128,19 @@ def load_search(path: str | Path, overrides: dict[str, Any] | None = None,
     if not space:
         raise ConfigError(f"{path}: the overrides fix every searched path; nothing is left to search")
     return SearchSpec(base, space, settings, str(path), extends)
+
+
+def stage_file(path: Path) -> Optional[str]:
+    """The experiment file a search file derives from, through the search files it extends
+    (search_sgd.yaml -> search.yaml -> stage3.yaml): what best_config.yaml extends."""
+    parent = C.read_yaml(path).get(C.EXTENDS)
+    while parent:  # read_file has refused cycles
+        path = (path.parent / parent).resolve()
+        raw = C.read_yaml(path)
+        if not {"search", "space"} & set(raw):
+            return str(path)
+        parent = raw.get(C.EXTENDS)
+    return None
 
 
 def parse_settings(raw: dict[str, Any]) -> Settings:

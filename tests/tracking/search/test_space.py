@@ -7,6 +7,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -15,6 +16,8 @@ from mnist_mlflow.config import ConfigError
 from mnist_mlflow.models import param_count_of
 from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, SEARCH_YAML, write_search
+from tracking.search import names as N
+from tracking.search.report import best_config_yaml
 from tracking.search.space import load_search
 
 
@@ -89,6 +92,22 @@ def test_the_sgd_search_is_the_search_with_sgd_its_lr_range_and_nesterov():
     assert differs == {"optim.name", "optim.nesterov", "schedule.max_lr"}
     assert space_b["optim.name"].choices == ("sgd",) and space_b["optim.nesterov"].choices == (False, True)
     assert space_b["schedule.max_lr"].low > space_a["schedule.max_lr"].low  # SGD wants ~10x Adam's
+    assert sgd.extends == adam.extends == str(ROOT / "experiments/stage3.yaml")  # best_config.yaml's base
+
+
+def test_the_sgd_searchs_best_config_extends_stage_3_and_trains_as_it_is(tmp_path):
+    """Its best_config.yaml extends the stage file, not search.yaml (whose `search:` key a run
+    config refuses): the first SGD search on full MNIST failed at this step."""
+    spec = load_search(ROOT / "experiments/search_sgd.yaml")
+    cfg = C.replace(spec.base, {"optim.nesterov": True, "schedule.max_lr": 0.2})
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=16.2, user_attrs={
+        N.CONFIG: C.flatten(cfg), N.NUM_PARAMS: param_count_of(cfg.model)}))
+    (tmp_path / "stage3.yaml").write_text((ROOT / "experiments/stage3.yaml").read_text())
+    (tmp_path / "best.yaml").write_text(best_config_yaml(study, study.trials[0], spec))
+    best = C.load(tmp_path / "best.yaml")
+    assert (best.optim.name, best.optim.nesterov, best.schedule.max_lr) == ("sgd", True, 0.2)
+    assert best.data.val_size == 0  # trains on all 60,000 images
 
 
 def test_the_budget_is_a_search_setting_and_binds(tmp_path):
