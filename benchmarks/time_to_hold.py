@@ -7,16 +7,18 @@ images' statistics, initial weights from the seed), so `stage3` trains exactly w
 `mlflow run . -e stage3 -P seed=N` trains, without its tracking:
 
   notebook       the notebook pipeline: per-sample Dataset + v2.RandomRotation + DataLoader,
-                 the model before the speed work (TinyNet 9/16, nn.Dropout), test set through a
-                 DataLoader
-  baseline       the same DataLoader pipeline with the model of experiments/stage3.yaml
+                 the model before the speed work (TinyNet 9/16, nn.Dropout), no shift, test set
+                 through a DataLoader
+  baseline       the same DataLoader pipeline (v2.RandomAffine for the shift) with the model and
+                 augmentation of experiments/stage3.yaml
   tensors        the project's pipeline (uint8 tensors in memory, whole-batch rotation), old model
   sparse         + dropout masks that draw only the dropped positions (SparseMaskDropout)
   channels-last  + ChannelsLastConv2d and ChannelsLastMaxPool2d (oneDNN convolutions and pooling
                  channels-last), fp32, no weight average
   pool-first     + pooling before block 2's BatchNorm, ReLU and dropout (a quarter of their work)
-  stage3         + evaluation through the weights' moving average, OneCycle peak 0.015:
-                 experiments/stage3.yaml
+  stage3         + evaluation through the weights' moving average, OneCycle peak 0.015, a fourth
+                 3x3 convolution with narrower widths (7,814 parameters), a random shift of up
+                 to 1.5 px: experiments/stage3.yaml
 
 Variants of retired options (LeanNet, the words16 and channel masks) are in git tag
 retired-variants.
@@ -53,8 +55,10 @@ from tracking import cli
 from tracking.runs import tracked_run
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
-# the stage-3 model and recipe before the speed work (7,759 parameters)
-BEFORE = {"model.arch": "tiny", "model.width1": 9, "model.width2": 16, "model.dropout_mask": "bernoulli",
+# the stage-3 model and recipe before the speed work (7,759 parameters, no shift)
+BEFORE = {"model.arch": "tiny", "model.width1": 9, "model.width2": 16, "model.width_transition": None,
+          "model.width3": None, "model.width4": None, "model.width5": None, "model.width6": None,
+          "augment.translate_px": 0.0, "model.dropout_mask": "bernoulli",
           "model.channels_last_conv": False, "model.pool_before_bn": False, "precision": "fp32",
           "optim.epochs": 15, "optim.batch_size": 128, "optim.ema_decay": None,
           "schedule.max_lr": 0.01}
@@ -100,9 +104,12 @@ def train_gflop_per_image(cfg: C.RunConfig) -> float:
 class PerSampleMnist(Dataset):
     """The classic notebook pipeline: one image at a time through torchvision transforms."""
 
-    def __init__(self, images, labels, degrees: float):
+    def __init__(self, images, labels, degrees: float, translate_px: float = 0.0):
         self.images, self.labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
-        self.transform = v2.Compose([v2.RandomRotation(degrees), v2.ToDtype(torch.float32)])
+        # v2.RandomAffine rounds its shift to whole pixels (the project's shift is sub-pixel)
+        geometry = (v2.RandomAffine(degrees, translate=(translate_px / 28, translate_px / 28)) if translate_px
+                    else v2.RandomRotation(degrees))
+        self.transform = v2.Compose([geometry, v2.ToDtype(torch.float32)])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -114,7 +121,8 @@ class PerSampleMnist(Dataset):
 def run_loader(cfg: C.RunConfig, out: Outcome, t0: float) -> None:
     splits = make_splits(load_mnist(), train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit)
     model, _, _ = init_model(cfg, splits.train_x)
-    train = DataLoader(PerSampleMnist(splits.train_x, splits.train_y, cfg.augment.rotation_degrees),
+    train = DataLoader(PerSampleMnist(splits.train_x, splits.train_y, cfg.augment.rotation_degrees,
+                                      cfg.augment.translate_px),
                        batch_size=cfg.optim.batch_size, shuffle=True)
     test = DataLoader(PerSampleMnist(splits.test_x, splits.test_y, 0.0), batch_size=1000)
     opt = make_optimizer(model, cfg)

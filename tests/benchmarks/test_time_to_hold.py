@@ -42,3 +42,14 @@ def test_the_stage3_variant_is_the_stage3_run_of_its_seed(tracking_uri, mnist):
     stage = run_training(C.replace(C.load(time_to_hold.STAGE3), args), mnist=mnist,
                          log_model_artifact=False, progress=False)
     assert bench.accuracies == [m.test_accuracy for m in stage.result.history]
+
+
+def test_the_variants_before_the_speed_work_keep_their_model_whatever_stage_3_becomes():
+    from mnist_mlflow import config as C
+    from mnist_mlflow.models import param_count_of
+
+    stage3 = C.load(time_to_hold.STAGE3)
+    for name in ("notebook", "tensors", "sparse", "channels-last", "pool-first"):
+        cfg = C.replace(stage3, time_to_hold.VARIANTS[name][1])
+        assert param_count_of(cfg.model) == 7759 and cfg.model.width6 is None, name
+        assert cfg.augment.translate_px == 0.0 and cfg.augment.rotation_degrees == 6.9, name

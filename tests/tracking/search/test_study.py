@@ -20,7 +20,7 @@ def test_the_base_config_is_the_first_trial(tmp_path):
     trial = study.ask()
     cfg = C.replace(spec.base, sample_params(trial, spec.space, spec.base))
     assert trial.user_attrs["incumbent"] is True
-    assert param_count_of(cfg.model) == param_count_of(spec.base.model) == 7759
+    assert param_count_of(cfg.model) == param_count_of(spec.base.model) == 7814
     flat, base = C.flatten(cfg), C.flatten(spec.base)
     assert {k for k in flat if flat[k] != base[k]} <= {
         "optim.weight_decay", "model.width_transition", "model.width3", "model.width4", "model.width5"}
