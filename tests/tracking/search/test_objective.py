@@ -22,8 +22,10 @@ from tracking.search.space import load_search
 
 
 def test_over_budget_trials_are_rejected_untrained(tmp_path, mnist, tracking_uri, monkeypatch):
-    config = write_search(tmp_path, {"model.width1": {"type": "categorical", "choices": [12]},
-                                     "model.width2": {"type": "categorical", "choices": [16]},
+    one = lambda v: {"type": "categorical", "choices": [v]}  # noqa: E731
+    # widths 12, 16, 12, 16, 16, 16 and no fourth 3x3 convolution: 8,710 parameters
+    config = write_search(tmp_path, {"model.width1": one(12), "model.width2": one(16), "model.width_transition": one(12),
+                                     **{f"model.width{i}": one(16) for i in (3, 4, 5)}, "model.width6": one(None),
                                      **ROTATION})
     fit_that(monkeypatch, raise_on_call=1, error=AssertionError("an over-budget model trained"))
     result = run_search(options(tmp_path, config), mnist=mnist)
