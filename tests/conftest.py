@@ -36,16 +36,25 @@ def tiny_config() -> C.RunConfig:
                                                      "threads": 1})
 
 
-@pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite store per test; subprocesses inherit it through the environment."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(tmp_path)  # artifacts of a SQLite store land in ./mlruns
+def use_fresh_store(directory: Path, monkeypatch) -> str:
+    """Point this process and its subprocesses at a new SQLite store in `directory`."""
+    uri = f"sqlite:///{directory}/mlflow.db"
+    monkeypatch.chdir(directory)  # artifacts of a SQLite store land in ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    # mlflow.set_experiment in an earlier test leaves its id as the process's active experiment,
+    # which a fresh store lacks ("No Experiment with id=2 exists" for the next run started
+    # without an experiment): start with none, as a new process does
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
-    yield uri
+    return uri
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite store per test; subprocesses inherit it through the environment."""
+    yield use_fresh_store(tmp_path, monkeypatch)
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)

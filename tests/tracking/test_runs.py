@@ -7,7 +7,7 @@ import torch
 from mlflow import MlflowClient
 
 from mnist_mlflow.models import count_params
-from tests.conftest import ROOT
+from tests.conftest import ROOT, use_fresh_store
 from tracking import runs, stage
 
 EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "epoch_seconds"}
@@ -150,3 +150,15 @@ def test_unreachable_tracking_server_fails_fast_before_training(monkeypatch, tmp
         assert f"tracking server http://127.0.0.1:{port} cannot be reached" in capsys.readouterr().err
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_each_tests_store_starts_without_the_last_stores_experiment(tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    use_fresh_store(first, monkeypatch)
+    mlflow.create_experiment("other")
+    mlflow.set_experiment("earlier test")  # id 2: the next store has no such experiment
+    use_fresh_store(second, monkeypatch)
+    with mlflow.start_run() as run:
+        pass
+    assert run.info.experiment_id == "0"  # the new store's default experiment
