@@ -4,8 +4,8 @@ one or two busy processes, in one invocation.
 For each number of busy processes (`python -c 'while True: pass'`, at `--busy-nice`), started a
 moment before and stopped after, every thread setting trains the same epochs of
 experiments/stage3.yaml on the same images; "auto" is resolved beside the busy processes,
-exactly as a run resolves it. Prints seconds per epoch and the ratio to today's default (torch's
-own thread count, what a run used before the `threads` setting) on the quiet machine, and logs
+exactly as a run resolves it. Prints seconds per epoch and the ratio to torch's
+own thread count (what a run used before the `threads` setting) on the quiet machine, and logs
 one MLflow run (tag benchmark=shared_cores) with a metric per cell.
 
     python -m benchmarks.shared_cores                          # threads 1,2,auto; 0,1,2 busy

@@ -8,7 +8,7 @@ variant's speed per step relative to the first. Variants are overrides of experi
 
     python -m benchmarks.step_time "sparse:" "bernoulli:model.dropout_mask=bernoulli"
     python -m benchmarks.step_time "average:" "no average:optim.ema_decay=null"
-    python -m benchmarks.step_time "bf16:" "fp32:precision=fp32"
+    python -m benchmarks.step_time "fp32:" "bf16:precision=bf16"
     python -m benchmarks.step_time "pool first:" "pool after BN:model.pool_before_bn=false"
     python -m benchmarks.step_time "batch 128:" "batch 64:optim.batch_size=64" "batch 256:optim.batch_size=256"
 """

@@ -64,14 +64,14 @@ BEFORE = {"model.arch": "tiny", "model.width1": 9, "model.width2": 16, "model.wi
           "schedule.max_lr": 0.01}
 VARIANTS = {  # name -> (pipeline, config overrides of experiments/stage3.yaml, description)
     "notebook": ("loader", BEFORE, "DataLoader + per-sample v2.RandomRotation, TinyNet, nn.Dropout"),
-    "baseline": ("loader", {}, "DataLoader + per-sample v2.RandomRotation, the stage-3 model"),
+    "baseline": ("loader", {}, "DataLoader + per-sample v2.RandomAffine (rotation, shift), stage 3's model"),
     "tensors": ("tensors", BEFORE, "in-memory uint8 tensors + whole-batch rotation, TinyNet"),
     "sparse": ("tensors", {**BEFORE, "model.dropout_mask": "sparse"}, "+ sparse dropout mask"),
     "channels-last": ("tensors", {**BEFORE, "model.dropout_mask": "sparse", "model.channels_last_conv": True},
                       "+ channels-last convolutions and pooling"),
     "pool-first": ("tensors", {**BEFORE, "model.dropout_mask": "sparse", "model.channels_last_conv": True,
                                "model.pool_before_bn": True}, "+ pooling before BN, ReLU, dropout"),
-    "stage3": ("tensors", {}, "+ weight average, peak 0.015: experiments/stage3.yaml"),
+    "stage3": ("tensors", {}, "+ weight average, peak 0.015, fourth 3x3 conv, shift: experiments/stage3.yaml"),
 }
 DEFAULT_VARIANTS = "stage3,baseline"
 

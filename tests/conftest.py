@@ -28,8 +28,8 @@ def mnist() -> Mnist:
 @pytest.fixture
 def tiny_config() -> C.RunConfig:
     """Stage 3's settings on a sliver of data: seconds, not minutes."""
-    # one thread: tests that compare two trainings need the same count (bf16), and "auto"
-    # would sample the machine's load for each (tests/mnist_mlflow/test_threads.py covers it)
+    # one thread: tests that compare two trainings need the same count (results depend on it),
+    # and "auto" would sample the machine's load for each (tests/mnist_mlflow/test_threads.py)
     return C.load(ROOT / "experiments/stage3.yaml", {"optim.epochs": 2, "data.train_limit": 2000,
                                                      "data.test_limit": 500, "device": "cpu",
                                                      "optim.batch_size": 32,  # 63 steps an epoch

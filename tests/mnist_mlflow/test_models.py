@@ -79,6 +79,6 @@ def test_width6_adds_a_fourth_3x3_conv_that_reaches_rf_22_on_a_4x4_map():
     convs = [r for r in rows if r.kind.endswith("Conv2d") and r.name.startswith("features.")]
     assert convs[-1].output_shape == (14, 4, 4) and convs[-1].receptive_field == 22
     assert model.eval()(torch.full((2, 1, 28, 28), 255.0)).shape == (2, 10)
-    assert count_params(build_model(ModelConfig(width6=None))) == 7759  # null: stage 3's net
+    assert count_params(build_model(ModelConfig(width6=None))) == 7759  # null: stage 2's net
     with pytest.raises(BudgetError, match="width6=16"):
         build_model(ModelConfig(width6=16))
