@@ -155,10 +155,13 @@ def test_unreachable_tracking_server_fails_fast_before_training(monkeypatch, tmp
 def test_each_tests_store_starts_without_the_last_stores_experiment(tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    use_fresh_store(first, monkeypatch)
-    mlflow.create_experiment("other")
-    mlflow.set_experiment("earlier test")  # id 2: the next store has no such experiment
-    use_fresh_store(second, monkeypatch)
-    with mlflow.start_run() as run:
-        pass
-    assert run.info.experiment_id == "0"  # the new store's default experiment
+    try:
+        use_fresh_store(first, monkeypatch)
+        mlflow.create_experiment("other")
+        mlflow.set_experiment("earlier test")  # id 2: the next store has no such experiment
+        use_fresh_store(second, monkeypatch)
+        with mlflow.start_run() as run:
+            pass
+        assert run.info.experiment_id == "0"  # the new store's default experiment
+    finally:
+        mlflow.set_tracking_uri(None)
