@@ -41,8 +41,8 @@ def use_fresh_store(directory: Path, monkeypatch) -> str:
     uri = f"sqlite:///{directory}/mlflow.db"
     monkeypatch.chdir(directory)  # artifacts of a SQLite store land in ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
     # mlflow.set_experiment in an earlier test leaves its id as the process's active experiment,
     # which a fresh store lacks ("No Experiment with id=2 exists" for the next run started
     # without an experiment): start with none, as a new process does

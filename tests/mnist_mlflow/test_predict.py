@@ -18,7 +18,7 @@ import pytest
 from mnist_mlflow import config as C
 from mnist_mlflow import predict as PR
 from mnist_mlflow import preprocess as PP
-from tests.conftest import ROOT
+from tests.conftest import ROOT, use_fresh_store
 from tracking.runs import run_training
 
 N_DIGITS = 50
@@ -28,15 +28,10 @@ N_DIGITS = 50
 def model_uri(tmp_path_factory, mnist) -> str:
     """One small trained run (~97% test accuracy) logged to a temporary store."""
     root = tmp_path_factory.mktemp("predict-store")
-    uri = f"sqlite:///{root}/mlflow.db"
     cfg = C.load(ROOT / "experiments/stage3.yaml", {"optim.epochs": 2, "data.train_limit": 10000,
                                                     "data.test_limit": 500, "device": "cpu"})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-            mp.delenv(var, raising=False)
-        mp.chdir(root)
-        mlflow.set_tracking_uri(uri)
+        use_fresh_store(root, mp)
         mlflow.set_experiment(experiment_id=mlflow.MlflowClient().create_experiment(
             "predict", artifact_location=(root / "artifacts").as_uri()))
         outcome = run_training(cfg, mnist=mnist, run_name="predict-model", progress=False)

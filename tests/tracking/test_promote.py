@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from mnist_mlflow import config as C
 from mnist_mlflow.models import TinyNet, count_params
-from tests.conftest import ROOT
+from tests.conftest import ROOT, use_fresh_store
 from tracking import promote as P
 from tracking import registry
 from tracking.runs import RunOutcome, run_training
@@ -67,13 +67,8 @@ def log_run_by_hand(name: str, history: list[float], model: torch.nn.Module,
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, mnist):
     root = tmp_path_factory.mktemp("promote")
-    uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-            mp.delenv(var, raising=False)
-        mp.chdir(root)  # anything written to a relative ./mlruns lands here, not in the repo
-        mlflow.set_tracking_uri(uri)
+        uri = use_fresh_store(root, mp)  # a relative ./mlruns lands in root, not in the repo
         client = MlflowClient()
         for exp in ("main", "tamper"):
             client.create_experiment(exp, artifact_location=(root / exp).as_uri())
