@@ -1,60 +1,114 @@
-"""A results table from the tracking store: ``python -m tracking.report [--experiment NAME]``.
+"""A results table from the tracking store: ``python -m tracking.report [--experiment NAME ...]``.
 
-One row per finished stage run: stage, seed, parameters, best test accuracy, the epoch at
-which the 4-epoch hold of the target completed, the longest hold, training seconds up to
-that epoch, and the run's wall time (data, logging and model saving included). This is
-how the README's results table is produced.
+One row per finished stage run: stage, seed, precision, thread count, parameters, best and
+final test accuracy, the epoch at which the 4-epoch hold of the target completed, the lowest
+accuracy inside that hold, the longest hold, training seconds up to that epoch, and the run's
+wall time (data, logging and model saving included); then, per precision and thread count, how
+many runs held. ``--figure PATH`` draws every run's test accuracy per epoch, one panel per
+precision and thread count. This is how the README's results tables and figure are produced.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import defaultdict
 
+import matplotlib.pyplot as plt
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
+from mnist_mlflow.evaluation import hold_summary
 from tracking import cli
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def seconds_to(client: MlflowClient, run_id: str, epoch: float | None) -> str:
     """Training seconds until the epoch at which the hold completed (sum of epoch_seconds)."""
     if epoch is None:
         return "-"
-    history = client.get_metric_history(run_id, "epoch_seconds")
-    return f"{sum(m.value for m in history if m.step <= epoch):.0f}"
+    return f"{sum(history(client, run_id, 'epoch_seconds')[:int(epoch)]):.0f}"
 
 
-def rows(experiment: str, stage: str | None = None) -> list[dict]:
+def rows(experiments: str | list[str], stage: str | None = None) -> list[dict]:
+    """Finished runs with a test history, oldest first; `curve` holds test accuracy per epoch."""
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"error: no experiment named {experiment!r} in {client.tracking_uri}")
+    ids = []
+    for name in [experiments] if isinstance(experiments, str) else experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise SystemExit(f"error: no experiment named {name!r} in {client.tracking_uri}")
+        ids.append(exp.experiment_id)
     query = "attributes.status = 'FINISHED'" + (f" and tags.stage = '{stage}'" if stage else "")
     out = []
-    for run in client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"]):
+    for run in client.search_runs(ids, query, order_by=["attributes.start_time ASC"], max_results=5000):
         m, p = run.data.metrics, run.data.params
         if "best_test_accuracy" not in m:
             continue
+        curve = history(client, run.info.run_id, "test_accuracy")
+        hold = hold_summary(curve, float(p.get("target.accuracy", 99.4)), int(p.get("target.hold", 4)))
         out.append({
             "run": run.info.run_id[:8], "stage": p.get("stage", "?"), "seed": p.get("seed", "?"),
+            "precision": p.get("precision", "?"),
+            "threads": p.get("threads_resolved", p.get("hw.threads", p.get("threads", "?"))),
             "params": p.get("num_params", "?"), "epochs": p.get("optim.epochs", "?"),
             "train": p.get("data.train_size", "?"),
             "best": f"{m['best_test_accuracy']:.2f}",
             "final": f"{m.get('test_accuracy', float('nan')):.2f}",
-            "reached": str(int(m["target_reached_epoch"])) if "target_reached_epoch" in m else "-",
-            "hold": str(int(m["hold_epochs"])),
-            "to_hold_s": seconds_to(client, run.info.run_id, m.get("target_reached_epoch")),
+            "reached": str(hold.target_reached_epoch or "-"),
+            "held_min": f"{hold.held_accuracy:.2f}" if hold.held_accuracy is not None else "-",
+            "hold": str(hold.hold_epochs),
+            "to_hold_s": seconds_to(client, run.info.run_id, hold.target_reached_epoch),
             "wall_s": f"{(run.info.end_time - run.info.start_time) / 1000:.0f}",
+            "curve": curve,
         })
     return out
+
+
+def groups(table: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows by (precision, threads), in that order."""
+    out = defaultdict(list)
+    for r in table:
+        out[(r["precision"], r["threads"])].append(r)
+    return dict(sorted(out.items()))
+
+
+def summary(table: list[dict]) -> str:
+    lines = []
+    for (precision, threads), rs in groups(table).items():
+        final = np.array([float(r["final"]) for r in rs])
+        reached = [int(r["reached"]) for r in rs if r["reached"] != "-"]
+        when = f", completed at epochs {min(reached)}-{max(reached)} (mean {np.mean(reached):.1f})" if reached else ""
+        lines.append(f"{precision}, {threads} thread(s): {len(reached)} of {len(rs)} runs held{when}; "
+                     f"final {final.mean():.2f} +- {final.std():.2f}% (min {final.min():.2f}%)")
+    return "\n".join(lines)
+
+
+def figure(table: list[dict], target: float = 99.4) -> plt.Figure:
+    """Test accuracy per epoch, one line per run, one panel per (precision, threads)."""
+    by = groups(table)
+    fig, axes = plt.subplots(1, len(by), figsize=(5 * len(by), 4), sharey=True, squeeze=False)
+    for ax, ((precision, threads), rs) in zip(axes[0], by.items()):
+        for r in sorted(rs, key=lambda r: int(r["seed"]) if r["seed"].isdigit() else 0):
+            ax.plot(range(1, len(r["curve"]) + 1), r["curve"], "-o", ms=2.5, lw=1, label=f"seed {r['seed']}")
+        held = sum(r["reached"] != "-" for r in rs)
+        ax.axhline(target, color="gray", ls=":")
+        ax.set(xlabel="epoch", title=f"{precision}, {threads} thread(s): {held} of {len(rs)} held", ylim=(98.8, 99.8))
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    return fig
 
 
 def markdown(table: list[dict]) -> str:
     # by hand: pandas' DataFrame.to_markdown needs `tabulate`, not a dependency, for these 4 lines
     if not table:
         return "(no finished runs)"
-    head = list(table[0])
+    head = [h for h in table[0] if h != "curve"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in table]
     return "\n".join(lines)
@@ -62,15 +116,23 @@ def markdown(table: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m tracking.report", __doc__)
-    p.add_argument("--experiment", default=cli.DEFAULT_EXPERIMENT)
+    p.add_argument("--experiment", action="append", help=f"repeatable (default {cli.DEFAULT_EXPERIMENT})")
     p.add_argument("--stage", default=None, help="only this stage, e.g. stage3")
+    p.add_argument("--figure", default=None, help="also draw the test-accuracy curves into this PNG")
     try:
         args = p.parse_args(argv)
         cli.check_server()
     except (C.ConfigError, MlflowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(markdown(rows(args.experiment, args.stage)))
+    table = rows(args.experiment or [cli.DEFAULT_EXPERIMENT], args.stage)
+    print(markdown(table))
+    if table:
+        print("\n" + summary(table))
+    if args.figure and table:
+        figure(table).savefig(args.figure, dpi=110)
+        plt.close("all")
+        print(f"figure: {args.figure}")
     return 0
 
 
