@@ -91,15 +91,20 @@ def summary(table: list[dict]) -> str:
 def figure(table: list[dict], target: float = 99.4) -> plt.Figure:
     """Test accuracy per epoch, one line per run, one panel per (precision, threads)."""
     by = groups(table)
-    fig, axes = plt.subplots(1, len(by), figsize=(5 * len(by), 4), sharey=True, squeeze=False)
-    for ax, ((precision, threads), rs) in zip(axes[0], by.items()):
+    cols = min(2, len(by))
+    nrows = -(-len(by) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.8 * nrows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(by):]:
+        ax.set_visible(False)
+    for ax, ((precision, threads), rs) in zip(axes.flat, by.items()):
         for r in sorted(rs, key=lambda r: int(r["seed"]) if r["seed"].isdigit() else 0):
             ax.plot(range(1, len(r["curve"]) + 1), r["curve"], "-o", ms=2.5, lw=1, label=f"seed {r['seed']}")
         held = sum(r["reached"] != "-" for r in rs)
         ax.axhline(target, color="gray", ls=":")
         ax.set(xlabel="epoch", title=f"{precision}, {threads} thread(s): {held} of {len(rs)} held", ylim=(98.8, 99.8))
         ax.legend(fontsize=6, ncol=2, loc="lower right")
-    axes[0][0].set_ylabel("test accuracy (%)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
     fig.tight_layout()
     return fig
 
