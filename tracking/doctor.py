@@ -13,6 +13,7 @@ fixed (no --fix); 2 bad arguments or an unreachable store.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Iterator, Optional
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             help=f"a heartbeat older than this means the owner is gone (default {liveness.STALE_S:g})")
     try:
         args = p.parse_args(argv)
-        if args.stale_after <= 0:
-            raise C.ConfigError(f"--stale-after={args.stale_after:g} is not allowed: more than 0 seconds")
+        if not (math.isfinite(args.stale_after) and args.stale_after > 0):  # nan passes `<= 0`
+            raise C.ConfigError(f"--stale-after={args.stale_after:g} is not allowed: "
+                                "a finite number of seconds, more than 0")
         cli.check_server()
         client = MlflowClient()
         found = [(run, liveness.judge(run, args.stale_after))

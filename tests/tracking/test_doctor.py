@@ -152,3 +152,12 @@ def test_a_sigkilled_stage_run_is_marked_failed_a_live_one_is_left_alone(trackin
         for proc in (victim, live):
             proc.wait(60)
     assert MlflowClient().get_run(running.info.run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "-inf"])
+def test_stale_after_must_be_a_finite_positive_number(tracking_uri, capsys, value):
+    # nan compares false with everything: it would judge every run alive (or dead) silently
+    assert doctor.main([f"--stale-after={value}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--stale-after={value}" in err and "a finite number of seconds, more than 0" in err
+    assert err.count("\n") == 1
