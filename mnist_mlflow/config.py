@@ -295,6 +295,27 @@ def load(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) 
     return from_dict(values, overrides)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key twice in one mapping: PyYAML keeps the last silently, so
+    ``optim: {epochs: 3}`` then ``optim: {batch_size: 64}`` would drop the epochs."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}, first on line {first[key] + 1}",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line
+            except TypeError:  # unhashable: SafeLoader reports it below
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """An experiment file's mapping; ConfigError with the file (and line) for anything else."""
     path = Path(path)
@@ -303,7 +324,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:  # also the !!python/... tags: safe_load refuses them
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""

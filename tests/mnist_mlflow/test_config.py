@@ -99,6 +99,26 @@ def test_yaml_errors_name_the_file_and_line(tmp_path, monkeypatch, text, message
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    # merged silently, this gave the default 15 epochs and batch size 64
+    ("optim: {epochs: 3}\nseed: 1\noptim: {batch_size: 64}\n",
+     r"bad.yaml', line 3: not valid YAML \(duplicate key 'optim', first on line 1\)"),
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", r"bad.yaml', line 3: not valid YAML \(duplicate key 'lr', first on line 2\)"),
+    ("optim: {lr: 0.1, lr: 0.2}\n", r"bad.yaml', line 1: not valid YAML \(duplicate key 'lr', first on line 1\)"),
+])
+def test_duplicate_keys_are_refused_naming_the_line(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(C.ConfigError, match=message):
+        C.load(tmp_path / "bad.yaml")
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    text = "optim:\n  <<: {epochs: 3, batch_size: 64}\n  epochs: 4\n"
+    (tmp_path / "ok.yaml").write_text(text)
+    config = C.load(tmp_path / "ok.yaml")
+    assert (config.optim.epochs, config.optim.batch_size) == (4, 64)
+
+
 def test_a_directory_as_config_is_named_as_such(tmp_path):
     with pytest.raises(C.ConfigError, match="is a directory, not a YAML file"):
         C.load(tmp_path)
