@@ -132,26 +132,43 @@ def read_wheel(wheel: Path) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- IDX files
 
-def _read_idx(path: Path, ndim_expected: int) -> np.ndarray:
+def _read_idx(path: Path, shape_expected: tuple[int, ...]) -> np.ndarray:
     # by hand: torchvision's reader (datasets.mnist.read_sn3_pascalvincent_tensor) is undocumented,
     # asserts instead of naming the fault, and reads no .gz
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-            raise DataError(f"{path} is not a readable gzip file ({exc})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            return _read_idx_stream(f, path, shape_expected)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path} is not a readable gzip file ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc})") from None
+
+
+def _read_idx_stream(f, path: Path, shape_expected: tuple[int, ...]) -> np.ndarray:
+    """Reads no more than the header's size (+1 byte to see trailing data): a gzip bomb is refused
+    after the expected bytes, and the header must name the expected shape before any is read."""
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    if ndim != ndim_expected or len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path} has an IDX header of {ndim} dimensions in {len(data)} bytes; "
-                        f"expected {ndim_expected} (images 3, labels 1)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise DataError(f"{path} holds {body.size} values, its header says {shape}")
-    return body.reshape(shape)
+    ndim = head[3]
+    if ndim != len(shape_expected):
+        raise DataError(f"{path} has an IDX header of {ndim} dimensions; "
+                        f"expected {len(shape_expected)} (images 3, labels 1)")
+    sizes = f.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise DataError(f"{path} ends inside its IDX header, after {4 + len(sizes)} bytes")
+    shape = tuple(int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(ndim))
+    if shape != shape_expected:
+        raise DataError(f"{path}: its header says {shape}; expected {shape_expected} "
+                        "(an IDX folder holds exactly 60,000 training and 10,000 test images of 28x28)")
+    count = int(np.prod(shape))
+    body = f.read(count)
+    if len(body) != count:
+        raise DataError(f"{path} holds {len(body)} values, its header says {shape}")
+    if f.read(1):
+        raise DataError(f"{path} holds more than the {count} values its header says {shape}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
 def load_idx_dir(folder: str | Path) -> dict[str, np.ndarray]:
@@ -164,7 +181,8 @@ def load_idx_dir(folder: str | Path) -> dict[str, np.ndarray]:
         found = [p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()]
         if not found:
             raise DataError(f"data_dir {str(folder)!r} has no {stem} (or {stem}.gz)")
-        arr = _read_idx(found[0], 1 if key.endswith("_y") else 3)
+        n = SPLIT_SIZES[key.split("_")[0]]
+        arr = _read_idx(found[0], (n,) if key.endswith("_y") else (n, 28, 28))
         out[key] = arr.astype(np.int64) if key.endswith("_y") else arr
     return out
 

@@ -1,4 +1,5 @@
 import gzip
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -88,6 +89,28 @@ def test_idx_folder_is_accepted(tmp_path, mnist):
     assert loaded.digest == mnist.digest and loaded.source.startswith("idx:")
 
 
+def _header(*shape):
+    return bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
+
+
+def test_a_gzip_bomb_is_refused_after_the_size_its_header_names(tmp_path):
+    # a valid header, then far more zeros than it names: read whole, this took all memory
+    expected = 60000 * 28 * 28
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(_header(60000, 28, 28))
+        zeros = bytes(16 << 20)
+        for _ in range(20):  # 320 MiB decompressed, 0.3 MiB on disk
+            f.write(zeros)
+    tracemalloc.start()
+    try:
+        with pytest.raises(D.DataError, match="holds more than the 47040000 values its header says"):
+            D.load_idx_dir(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * expected
+
+
 def write_idx_dir(folder, mnist):
     for name, arr in (("train-images-idx3-ubyte", mnist.train_x), ("train-labels-idx1-ubyte", mnist.train_y),
                       ("t10k-images-idx3-ubyte", mnist.test_x), ("t10k-labels-idx1-ubyte", mnist.test_y)):
@@ -97,9 +120,13 @@ def write_idx_dir(folder, mnist):
 
 @pytest.mark.parametrize("name, content, message", [
     ("train-images-idx3-ubyte", bytes([0, 0, 8, 200]) + bytes(12), "IDX header of 200 dimensions"),
-    ("train-images-idx3-ubyte", bytes([0, 0, 8, 3, 0, 0]), "IDX header of 3 dimensions in 6 bytes"),
+    ("train-images-idx3-ubyte", bytes([0, 0, 8, 3, 0, 0]), "ends inside its IDX header, after 6 bytes"),
+    ("train-images-idx3-ubyte", _header(60000, 32, 32), r"header says \(60000, 32, 32\); expected \(60000, 28, 28\)"),
+    ("train-images-idx3-ubyte", _header(59999, 28, 28), r"header says \(59999, 28, 28\); expected \(60000, 28, 28\)"),
+    ("train-images-idx3-ubyte", _header(60000, 28, 28) + bytes(10), r"holds 10 values, its header says \(60000, 28, 28\)"),
     ("train-images-idx3-ubyte.gz", b"not gzip at all", "not a readable gzip file"),
-    ("train-images-idx3-ubyte.gz", gzip.compress(bytes(range(256)) * 4)[:40], "not a readable gzip file"),
+    ("train-images-idx3-ubyte.gz", gzip.compress(_header(60000, 28, 28) + bytes(range(256)) * 4)[:40],
+     "not a readable gzip file"),
 ])
 def test_broken_idx_files_are_a_data_error_naming_the_file(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
