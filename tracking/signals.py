@@ -15,6 +15,11 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def exit_code(exc: KeyboardInterrupt) -> int:
+    """The shell's convention for a process ended by a signal: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
 def _raise_interrupted(signum, _frame):
     raise Interrupted(signum)
 

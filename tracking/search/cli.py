@@ -16,7 +16,7 @@ from tracking.search import report
 from tracking.search.plan import CONFIG_FLAGS, DEFAULT_CONFIG, Options, resolve
 from tracking.search.run import SearchResult, run_search
 from tracking.search.study import HEARTBEAT_S
-from tracking.signals import sigterm_as_interrupt
+from tracking.signals import exit_code, sigterm_as_interrupt
 
 
 def parser() -> cli.Parser:
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, DataError, MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted: run the same command again to resume the study", file=sys.stderr)
-        return 130
+        return exit_code(exc)
     print_result(result)
     print(dashboard.hint(plan.storage))  # the study's own view
     return 0

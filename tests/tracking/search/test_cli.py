@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
+import mlflow
 import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.tracking.search.helpers import write_search
+from tests.tracking.search.helpers import ROTATION, write_search
 from tracking.search import cli as search
+from tracking.search import names as N
 from tracking.search.plan import Options
 
 
@@ -57,3 +64,32 @@ def test_bad_shared_options_are_refused_before_anything_exists(tmp_path, capsys)
     assert "--study-trials='0' is not allowed" in capsys.readouterr().err
     assert search.main(["--heartbeat", "0"]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def wait_for_trial_epoch(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until a trial has logged an epoch, so a signal lands in training (the store is only read)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        client = mlflow.MlflowClient()
+        if any(r.data.metrics for e in client.search_experiments() for r in client.search_runs(
+                [e.experiment_id], filter_string=f"tags.{N.ROLE} = '{N.TRIAL_ROLE}'")):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"no trial run within {timeout} s (rc {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signalled_search_exits_like_a_stage_run(tmp_path, tracking_uri, signum):
+    """128 + the signal, as tracking.stage: 130 for Ctrl-C, 143 for SIGTERM."""
+    config = write_search(tmp_path, ROTATION)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracking.search", "--config", str(config), "--n-trials", "3",
+         "--epochs", "8", "--train-limit", "2000", "--test-limit", "300", "--set", "data.val_size=500",
+         "--storage", f"journal:{tmp_path}/optuna.log", "--study-name", "sig"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_trial_epoch(proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted: run the same command again to resume the study"
