@@ -2,6 +2,8 @@
 
 Every model takes raw MNIST pixels, float 0-255, shape (N, 1, 28, 28), and returns
 (N, 10) logits: normalization is the first layer, so users never need the statistics.
+Evaluating (not training), it takes at most MAX_BATCH images a call and refuses images
+scaled to 0-1 (see `check_pixels`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from .config import WIDTHS, ModelConfig
 from .layers import DROPOUTS, ChannelsLastConv2d, ChannelsLastMaxPool2d, ToContiguous
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of pixels / 255, over the 60,000 training images
+# Images a call when evaluating: bounds a served request's memory and time (100,000 images in
+# one request took 8.6 GB and ran on after the server's timeout); callers with more split them.
+MAX_BATCH = 4096
 
 
 class BudgetError(ValueError):
@@ -30,19 +35,36 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(float(std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:  # served or predicting: refuse what would come back as NaN logits
+        if not self.training:  # served or predicting: refuse what would come back as nonsense
             check_pixels(x)
         return (x / 255.0 - self.mean) / self.std
 
 
 def check_pixels(x: torch.Tensor) -> None:
-    """The model's contract: raw pixels 0-255. NaN fails both comparisons, so it is caught too."""
-    if not ((x >= 0) & (x <= 255)).all():  # one host sync per batch, in evaluation only
+    """The model's contract: at most MAX_BATCH images of raw pixels 0-255.
+
+    NaN fails both range comparisons, so it is caught too. An image whose brightest pixel is
+    in (0, 1] was scaled to 0-1 (torchvision's ToTensor): as raw pixels it is near-black and
+    every answer would be the same wrong class. An all-zero image is blank in either scale.
+    """
+    if len(x) > MAX_BATCH:  # before any work on the batch
+        raise ValueError(f"a batch of {len(x):,} images is over the limit of {MAX_BATCH:,} a call "
+                         "(the model's contract); send them in several requests")
+    peak = x.flatten(1).amax(1)
+    scaled = (peak > 0) & (peak <= 1)
+    out_of_range, any_scaled = torch.stack([~((x >= 0) & (x <= 255)).all(), scaled.any()]).tolist()
+    # one host sync per batch, in evaluation only
+    if out_of_range:
         finite = x[torch.isfinite(x)]
         span = f"{finite.min().item():g} to {finite.max().item():g}" if finite.numel() else "none"
         raise ValueError(f"input pixels must be finite numbers in 0-255 (raw pixels, the model's "
                          f"contract); got {int((~torch.isfinite(x)).sum())} non-finite, finite "
                          f"values {span}")
+    if any_scaled:
+        scaled = scaled.nonzero().flatten()
+        raise ValueError(f"input pixels must be raw 0-255, not scaled to 0-1: {len(scaled)} of "
+                         f"{len(x)} images have no pixel above 1 (first: image {int(scaled[0])}); "
+                         "multiply by 255")
 
 
 def conv_bn(cin: int, cout: int, dropout: float, kernel: int = 3, mask: str = "bernoulli",

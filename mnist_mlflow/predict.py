@@ -2,8 +2,8 @@
 
     python -m mnist_mlflow.predict IMAGE... [--model models:/mnist-8k@champion] [--json]
 
-Each file is preprocessed the way MNIST was made (see `preprocess`), then all readable
-files go through the model in one batch. A file that cannot be used gets an error line
+Each file is preprocessed the way MNIST was made (see `preprocess`), then the readable
+files go through the model in batches of at most `models.MAX_BATCH`. A file that cannot be used gets an error line
 of its own; the others are still classified. Exit code 1 if any file failed, 2 if the
 model could not be loaded.
 """
@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from . import models
 from .preprocess import MAX_PIXELS, ImageError, batch, load_digit
 
 DEFAULT_MODEL = "models:/mnist-8k@champion"
@@ -85,7 +86,9 @@ def predict_files(paths: Sequence[str], model, max_pixels: int = MAX_PIXELS) -> 
     images, ok, failed = read_images(paths, max_pixels)
     by_file = {p.file: p for p in failed}
     if images:
-        logits = np.asarray(model.predict(batch(images)), dtype=np.float64)
+        step = models.MAX_BATCH  # the model refuses more in one call
+        logits = np.concatenate([np.asarray(model.predict(batch(images[i:i + step])), dtype=np.float64)
+                                 for i in range(0, len(images), step)])
         probs = softmax(logits)
         for path, p in zip(ok, probs):
             digit = int(p.argmax())

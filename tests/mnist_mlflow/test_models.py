@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mnist_mlflow.config import ModelConfig
-from mnist_mlflow.models import BudgetError, TinyNet, build_model, count_params, param_count_of
+from mnist_mlflow.models import (MAX_BATCH, BudgetError, TinyNet, build_model, count_params,
+                                 param_count_of)
 from mnist_mlflow.summary import layer_summary
 
 
@@ -67,6 +68,29 @@ def test_an_evaluating_model_refuses_pixels_outside_the_contract(bad):
         model(x)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # the edges of the range are fine
     model.train()(x.clamp(0, 255).nan_to_num(0.0))  # training batches are not checked (no sync)
+
+
+def test_an_evaluating_model_refuses_images_scaled_to_0_1():
+    """ToTensor's 0-1 images are near-black as raw pixels: every one came back as class 1."""
+    model = build_model(ModelConfig()).eval()
+    x = torch.full((3, 1, 28, 28), 200.0)
+    x[2] = torch.rand(1, 28, 28)  # one image of the batch in 0-1
+    with pytest.raises(ValueError, match=r"raw 0-255, not scaled to 0-1: 1 of 3 images .* image 2"):
+        model(x)
+    with pytest.raises(ValueError, match="not scaled to 0-1"):
+        model(torch.ones(1, 1, 28, 28))
+    x[2] = 0.0  # a blank image is the same in either scale
+    x[1, 0, :, :] = 0.0
+    x[1, 0, 3, 3] = 2.0  # one faint raw pixel is not a 0-1 image
+    assert model(x).shape == (3, 10)
+
+
+def test_an_evaluating_model_takes_at_most_max_batch_images_a_call():
+    model = build_model(ModelConfig()).eval()
+    with pytest.raises(ValueError, match=f"batch of 4,097 images is over the limit of {MAX_BATCH:,}"):
+        model(torch.zeros(MAX_BATCH + 1, 1, 28, 28))
+    with torch.no_grad():  # training (fine-tuning a loaded model) has no such limit
+        assert model.train()(torch.zeros(MAX_BATCH + 1, 1, 28, 28)).shape == (MAX_BATCH + 1, 10)
 
 
 def test_width6_adds_a_fourth_3x3_conv_that_reaches_rf_22_on_a_4x4_map():

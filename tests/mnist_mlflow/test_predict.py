@@ -167,6 +167,13 @@ def test_photos_get_the_same_class_as_the_originals(mnist, photos, model):
     assert all(0.1 <= r.probability <= 1.0 for r in results)
 
 
+def test_more_files_than_the_model_takes_a_call_go_in_several_batches(photos, model, monkeypatch):
+    files = [str(p) for _, p in photos[:7]]
+    whole = PR.predict_files(files, model)
+    monkeypatch.setattr("mnist_mlflow.models.MAX_BATCH", 3)  # the served model's limit, shrunk
+    assert PR.predict_files(files, model) == whole
+
+
 def test_cli_reports_bad_files_and_still_classifies_the_rest(tmp_path, photos, model_uri, capsys):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")

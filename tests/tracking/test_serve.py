@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from mnist_mlflow import config as C
+from mnist_mlflow.models import MAX_BATCH
 from tests.conftest import ROOT
 from tests.services import free_port
 from tracking.promote import promote
@@ -109,12 +110,19 @@ def test_served_champion_answers_like_the_local_model(tracking_uri, tiny_config,
         wait_for_ping(proc, url, log)
         served = invoke(url, x)
         refused = [post(url, body) for body in refused_bodies(x)]
+        scaled = post(url, json.dumps({"inputs": (x[:2] / 255).tolist()}).encode())
+        image = "[[" + ",".join(["[" + ",".join(["0.0"] * 28) + "]"] * 28) + "]]"
+        too_many = post(url, ('{"inputs": [' + ",".join([image] * (MAX_BATCH + 1)) + "]}").encode())
     finally:
         stop(proc)
 
     # null and 1e400 parse to NaN and inf; the contract is 0-255: 400 with the reason, never NaN logits
     for status, text in refused:
         assert status == 400 and "input pixels must be finite numbers in 0-255" in text, (status, text[:500])
+
+    # ToTensor's 0-1 images came back as class 1 each; more than MAX_BATCH images ran for minutes
+    assert scaled[0] == 400 and "input pixels must be raw 0-255, not scaled to 0-1" in scaled[1], scaled
+    assert too_many[0] == 400 and "over the limit of 4,096 a call" in too_many[1], too_many[1][:500]
 
     assert served.shape == (8, 10)
     np.testing.assert_allclose(served, local, rtol=1e-4, atol=1e-4)
