@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
-import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Run
-from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
 from mnist_mlflow.evaluation import HoldSummary, hold_summary
 from mnist_mlflow.models import count_params
 from tracking import cli
 from tracking.run_logging import MODEL_NAME
+from tracking.safe_model import MADE_BY, Unverifiable, load_verified, rebuild
 from tracking.search.names import PARENT_TAG
 
 METRIC = "test_accuracy"
@@ -68,6 +67,7 @@ class Candidate:
     model: Optional[torch.nn.Module] = None
     num_params: Optional[int] = None
     reason: str = ""
+    unverifiable: bool = False  # skipped as not shown to be this project's model
 
     @property
     def run_id(self) -> str:
@@ -121,35 +121,36 @@ def param_int(run: Run, key: str) -> Optional[int]:
 
 
 def judge(client: MlflowClient, cand: Candidate, crit: Criteria) -> Candidate:
-    """Fills `reason` (cheapest checks first) and, for a qualifying run, the loaded model."""
+    """Fills `reason` (cheapest checks first) and, for a qualifying run, the verified model.
+    Nothing from the store is executed: see tracking/safe_model.py."""
     h = cand.hold
     if h.target_reached_epoch is None:
         cand.reason = f"needs {crit.hold} consecutive epochs >= {crit.target}%"
         return cand
-    logged_params = param_int(cand.run, "num_params")
-    if logged_params is not None and crit.over_budget(logged_params):
-        cand.reason = f"num_params param {logged_params:,} > {crit.max_params:,}"
-        return cand
-    cand.model_uri = logged_model_uri(client, cand.run)
-    if cand.model_uri is None:
-        cand.reason = f"no READY logged model named {MODEL_NAME!r}"
-        return cand
-    # The param could be stale or wrong; the weights that would be served are what count.
     try:
-        cand.model = mlflow.pytorch.load_model(cand.model_uri, map_location="cpu")
-    except (MlflowException, OSError) as exc:  # e.g. artifacts deleted: skip, don't crash
-        cand.reason = f"logged model cannot be loaded ({exc})"
-        return cand
-    cand.num_params = count_params(cand.model)
-    if crit.over_budget(cand.num_params):
-        cand.reason = f"logged model has {cand.num_params:,} parameters > {crit.max_params:,}"
-        cand.model = None
+        if cand.run.data.tags.get(MADE_BY[0]) != MADE_BY[1]:
+            raise Unverifiable(f"not logged by this project (no tag {MADE_BY[0]}={MADE_BY[1]})")
+        net = rebuild(cand.run)
+        cand.num_params = count_params(net)  # the loaded weights must fit this network exactly
+        if crit.over_budget(cand.num_params):
+            cand.reason = f"logged model has {cand.num_params:,} parameters > {crit.max_params:,}"
+            return cand
+        cand.model_uri = logged_model_uri(client, cand.run)
+        if cand.model_uri is None:
+            cand.reason = f"no READY logged model named {MODEL_NAME!r}"
+            return cand
+        cand.model = load_verified(client, cand.model_uri, net)
+    except Unverifiable as exc:
+        cand.reason, cand.unverifiable = f"cannot be verified: {exc}", True
     return cand
 
 
 def select_run(client: MlflowClient, exp_ids: list[str], crit: Criteria,
-               parent_run_id: Optional[str] = None) -> tuple[Optional[Candidate], list[Candidate]]:
-    """(first qualifying candidate or None, the rejected ones scanned before it)."""
+               parent_run_id: Optional[str] = None,
+               on_skip: Callable[[str], None] = lambda line: None,
+               ) -> tuple[Optional[Candidate], list[Candidate]]:
+    """(first qualifying candidate or None, the rejected ones scanned before it); `on_skip`
+    gets one line for each run that held the target but could not be verified."""
     rejected: list[Candidate] = []
     for run in finished_runs(client, exp_ids, parent_run_id):
         history = accuracy_history(client, run.info.run_id)
@@ -159,6 +160,8 @@ def select_run(client: MlflowClient, exp_ids: list[str], crit: Criteria,
                                        history[-1]), crit)
         if not cand.reason:
             return cand, rejected
+        if cand.unverifiable:
+            on_skip(f"skipped run {cand.run_id} ({run.info.run_name}): {cand.reason}")
         rejected.append(cand)
     return None, rejected
 

@@ -6,10 +6,13 @@
 
 "First" is by start time over FINISHED runs (stage runs and search trials alike) that
 have a logged model named "model" and a ``test_accuracy`` history; with ``--parent-run-id``
-only the children of that run (e.g. tracking.confirm's final runs). Before anything is
-registered the logged model is loaded, its real parameter count checked against the
-budget, and its test accuracy recomputed; a disagreement with the run's last logged value
-refuses the promotion. Target, hold and budget are the experiment file's (`--config`:
+only the children of that run (e.g. tracking.confirm's final runs). Only runs this project
+logged (tag made_by=mnist-mlflow) whose logged model is verifiably a TinyNet of their
+`model.*` config count: it is loaded without executing anything from the store
+(tracking/safe_model.py); any other run that held the target is skipped with one line on
+stderr. Before anything is registered its parameter count is checked against the budget and
+its test accuracy recomputed; a disagreement with the run's last logged value refuses the
+promotion. A registered model of that name that this project did not create is refused. Target, hold and budget are the experiment file's (`--config`:
 target.accuracy, target.hold, model.max_params); --target and --hold override the first two.
 
 Exit codes: 0 promoted, already promoted or dry run; 1 no qualifying run;
@@ -35,7 +38,7 @@ from mnist_mlflow.evaluation import evaluate
 from tracking import cli
 from tracking.candidates import (METRIC, AccuracyMismatch, Candidate, Criteria, NoCandidate,
                                  PromotionError, no_candidate_message, param_int, select_run)
-from tracking.registry import find_version, idempotent, register
+from tracking.registry import check_ours, complete, find_version, register
 
 DEFAULT_MODEL_NAME = "mnist-8k"
 ALIAS = "champion"
@@ -135,9 +138,11 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: Optional[float] = None
     crit = Criteria.of(config, target, hold)
     check_arguments(model_name, crit.target, crit.hold, parent_run_id)
     client = MlflowClient()
+    check_ours(client, model_name)  # before the scan: another team's model is refused at once
     if parent_run_id:
         client.get_run(parent_run_id)  # an unknown id fails here (exit 2), not as "no candidate"
-    cand, rejected = select_run(client, experiment_ids(client, experiment), crit, parent_run_id)
+    cand, rejected = select_run(client, experiment_ids(client, experiment), crit, parent_run_id,
+                                on_skip=lambda line: print(line, file=sys.stderr, flush=True))
     if cand is None:
         scope = f"experiment {experiment!r}" if experiment else "any experiment"
         if parent_run_id:
@@ -149,8 +154,8 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: Optional[float] = None
     if dry_run:
         return result_of(model_name, cand, existing and existing.version, False, True, verified)
     existing = find_version(client, model_name, cand.run_id)  # another promoter may have won
-    if existing:
-        idempotent(client.set_registered_model_alias, model_name, alias, existing.version)
+    if existing:  # its tags too: a promoter killed before writing them left it without
+        complete(client, model_name, existing, cand, alias)
         return result_of(model_name, cand, existing.version, False, False, verified)
     version, created = register(client, model_name, cand, alias, crit.max_params)
     return result_of(model_name, cand, version.version, created, False, verified)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-if TYPE_CHECKING:
-    from tracking.candidates import Candidate
+from tracking.candidates import Candidate, PromotionError
+from tracking.safe_model import MADE_BY
 
 
 def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
@@ -26,15 +26,53 @@ def find_version(client: MlflowClient, name: str, run_id: str) -> Optional[Model
     return found[0] if found else None
 
 
+class ForeignModel(PromotionError):
+    """A registered model of that name exists and this project did not create it."""
+
+
 def ensure_registered_model(client: MlflowClient, name: str, max_params: Optional[int] = None) -> None:
+    """Creates `name` tagged as ours (in the same call, so no one sees it untagged), or checks
+    that the existing one is ours: another team's model is never taken over."""
     budget = f", <= {max_params:,} parameters" if max_params is not None else ""
     try:
         client.create_registered_model(
-            name, description=f"MNIST CNN{budget}; input float32 raw pixels 0-255 "
-                              "(N, 1, 28, 28), output (N, 10) logits")
+            name, tags=dict([MADE_BY]), description=f"MNIST CNN{budget}; input float32 raw pixels "
+                                                    "0-255 (N, 1, 28, 28), output (N, 10) logits")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+        check_ours(client, name)
+
+
+def check_ours(client: MlflowClient, name: str) -> None:
+    """ForeignModel if a registered model `name` exists without our tag; nothing if none exists."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    if model.tags.get(MADE_BY[0]) != MADE_BY[1]:
+        raise ForeignModel(f"registered model {name!r} exists and was not created by this project "
+                           f"(no tag {MADE_BY[0]}={MADE_BY[1]}): choose another --model-name "
+                           "(or set that tag on it if it is yours)")
+
+
+def version_tags(cand: Candidate) -> dict[str, str]:
+    h = cand.hold
+    return {"run_id": cand.run_id, "hold_epochs": str(h.hold_epochs),
+            "best_test_accuracy": str(h.best_accuracy), "held_test_accuracy": str(h.held_accuracy),
+            "num_params": str(cand.num_params)}
+
+
+def complete(client: MlflowClient, name: str, version: ModelVersion, cand: Candidate,
+             alias: str) -> None:
+    """Writes the tags a version lacks (one made by a promoter killed before writing them)
+    and points `alias` at it; tags it has are kept (a rerun's --target may differ)."""
+    for key, value in version_tags(cand).items():
+        if key not in version.tags:
+            idempotent(client.set_model_version_tag, name, version.version, key, value)
+    idempotent(client.set_registered_model_alias, name, alias, version.version)
 
 
 def idempotent(call, *args, attempts: int = 4):
@@ -50,7 +88,7 @@ def idempotent(call, *args, attempts: int = 4):
             time.sleep(0.2 * (attempt + 1))
 
 
-def register(client: MlflowClient, name: str, cand: "Candidate", alias: str,
+def register(client: MlflowClient, name: str, cand: Candidate, alias: str,
              max_params: Optional[int] = None) -> tuple[ModelVersion, bool]:
     """Registers the run once, whoever else promotes it at the same moment, from any machine.
 
@@ -63,19 +101,14 @@ def register(client: MlflowClient, name: str, cand: "Candidate", alias: str,
     """
     ensure_registered_model(client, name, max_params)
     model_id = cand.model_uri.removeprefix("models:/")
+    # with its tags in one call: a kill right after leaves no untagged version
     mine = client.create_model_version(name, source=cand.model_uri, run_id=cand.run_id,
-                                       model_id=model_id)
-    h = cand.hold
-    tags = {"run_id": cand.run_id, "hold_epochs": h.hold_epochs,
-            "best_test_accuracy": h.best_accuracy, "held_test_accuracy": h.held_accuracy,
-            "num_params": cand.num_params}
+                                       model_id=model_id, tags=version_tags(cand))
     try:
         kept = versions_of_run(client, name, cand.run_id)[0]  # ours is listed: never empty
         if str(kept.version) != str(mine.version):
             client.delete_model_version(name, mine.version)  # an earlier promoter won
-        for key, value in tags.items():
-            idempotent(client.set_model_version_tag, name, kept.version, key, str(value))
-        idempotent(client.set_registered_model_alias, name, alias, kept.version)
+        complete(client, name, kept, cand, alias)
     except BaseException:
         with contextlib.suppress(MlflowException):  # already gone if we lost the race
             client.delete_model_version(name, mine.version)  # never leave a half-registered one

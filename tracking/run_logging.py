@@ -17,6 +17,7 @@ from mnist_mlflow.evaluation import predict_logits
 from mnist_mlflow.train import EpochMetrics, TrainResult
 from tracking import liveness
 from tracking.provenance import PACKAGE_DIR
+from tracking.safe_model import MADE_BY
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 
@@ -56,6 +57,7 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> None:
     mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=infer_signature(example, out),
                              input_example=example, serialization_format="pickle",
                              code_paths=[str(PACKAGE_DIR)])
+    mlflow.set_tag(*MADE_BY)  # promotion considers only runs that carry it
 
 
 def log_results(cfg: C.RunConfig, splits: Splits, result: TrainResult) -> evaluation.HoldSummary:

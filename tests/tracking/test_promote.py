@@ -8,6 +8,7 @@ own registered-model name, so the tests do not see each other's versions.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from mnist_mlflow.models import TinyNet, count_params
 from tests.conftest import ROOT, use_fresh_store
 from tracking import promote as P
 from tracking import registry
+from tracking.safe_model import MADE_BY
 from tracking.runs import RunOutcome, run_training
 
 
@@ -51,11 +53,17 @@ def small_config(epochs: int) -> C.RunConfig:
                                                      "data.test_limit": 500, "device": "cpu"})
 
 
-def log_run_by_hand(name: str, history: list[float], model: torch.nn.Module,
-                    num_params: int) -> str:
-    """A FINISHED run with a test_accuracy history and a logged model, without training."""
-    with mlflow.start_run(run_name=name) as run:
-        mlflow.log_params({"num_params": num_params, "data.test_limit": 500})
+def model_params(cfg: C.ModelConfig = C.ModelConfig()) -> dict:
+    """The `model.*` params a training run logs for `cfg`."""
+    return {f"model.{k}": v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def log_run_by_hand(name: str, history: list[float], model: torch.nn.Module, num_params: int,
+                    cfg: C.ModelConfig = C.ModelConfig(), tags: dict | None = None) -> str:
+    """A FINISHED run with a test_accuracy history and a logged model, without training;
+    by default tagged and configured as a training run of this project logs them."""
+    with mlflow.start_run(run_name=name, tags=dict([MADE_BY]) if tags is None else tags) as run:
+        mlflow.log_params({"num_params": num_params, "data.test_limit": 500, **model_params(cfg)})
         for epoch, acc in enumerate(history, start=1):
             mlflow.log_metric("test_accuracy", acc, step=epoch)
         # explicit requirements skip MLflow's slow inference of them
@@ -73,13 +81,14 @@ def store(tmp_path_factory, mnist):
         for exp in ("main", "tamper"):
             client.create_experiment(exp, artifact_location=(root / exp).as_uri())
         mlflow.set_experiment("main")
-        over = log_run_by_hand("over-budget", [99.0, 99.0], TinyNet(width1=16, width2=32), 5000)
+        over = log_run_by_hand("over-budget", [99.0, 99.0], TinyNet(width1=16, width2=32), 5000,
+                               C.ModelConfig(width1=16, width2=32, max_params=None))
         a = run_training(small_config(1), mnist=mnist, run_name="a", progress=False)
         b = run_training(small_config(2), mnist=mnist, run_name="b", progress=False)
         mlflow.set_experiment("tamper")
         a_history = [h.test_accuracy for h in a.result.history]
         tampered = log_run_by_hand("tampered", a_history, a.result.model,
-                                   count_params(a.result.model))
+                                   count_params(a.result.model), small_config(1).model)
         yield Store(uri, root, over, a, b, tampered)
         mlflow.set_tracking_uri(None)
 
@@ -103,6 +112,7 @@ def test_picks_first_run_that_holds_and_skips_a_model_over_budget(store, mnist):
     assert float(champion.tags["best_test_accuracy"]) == pytest.approx(max(store.b_acc))
     assert float(champion.tags["held_test_accuracy"]) == pytest.approx(min(store.b_acc))
     assert champion.tags["num_params"] == str(result.num_params)
+    assert client.get_registered_model("first-hold").tags["made_by"] == "mnist-mlflow"  # ours
 
     loaded = mlflow.pytorch.load_model("models:/first-hold@champion")
     x = torch.from_numpy(mnist.test_x[:16, None].astype(np.float32))
@@ -249,3 +259,127 @@ def test_target_hold_and_budget_are_the_experiment_files(tmp_path):
     assert P.Criteria.of(tmp_path / "small.yaml") == P.Criteria(99.0, 2, 7000)
     assert P.Criteria.of(tmp_path / "small.yaml", target=98.5) == P.Criteria(98.5, 2, 7000)
     assert P.Criteria(99.0, 2, 7000).over_budget(7001) and not P.Criteria(99.0, 2, None).over_budget(10**6)
+
+
+# ---------------------------------------------------------------- a store others can write to
+
+class Evil(torch.nn.Module):
+    """A model whose pickle runs code when it is loaded: it writes `marker`."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code from the store ran')",)
+
+
+def foreign_model(folder) -> torch.nn.Module:
+    """A model of a package the promoter does not have (it existed only where it was logged)."""
+    (folder / "otherteam.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(784, 10)\n")
+    sys.path.insert(0, str(folder))
+    try:
+        import otherteam
+
+        return otherteam.Net()
+    finally:
+        sys.path.remove(str(folder))
+
+
+def test_promotion_runs_no_code_from_the_store_and_skips_what_it_cannot_verify(store, tmp_path, capsys):
+    # Two runs before ours hold 99.5% for 5 epochs: one forges our tag and config over a pickle
+    # that runs code, one is another team's ordinary model. Ours, a copy of run B, comes last.
+    client = MlflowClient()
+    client.create_experiment("hostile", artifact_location=(store.root / "hostile").as_uri())
+    mlflow.set_experiment("hostile")
+    marker = tmp_path / "pwned"
+    evil = log_run_by_hand("evil", [99.5] * 5, Evil(str(marker)), 100, small_config(1).model)
+    other = log_run_by_hand("other-team", [99.5] * 5, foreign_model(tmp_path), 7850, tags={})
+    sys.modules.pop("otherteam")
+    ours = log_run_by_hand("ours", store.b_acc, store.b.result.model,
+                           count_params(store.b.result.model), small_config(2).model)
+    capsys.readouterr()
+
+    code = P.main(["--model-name", "hostile", "--target", str(min(store.b_acc)), "--hold", "2",
+                   "--experiment", "hostile", "--dry-run"])
+
+    out, err = capsys.readouterr()
+    assert not marker.exists()
+    assert code == 0, err
+    assert f"dry run: would register run {ours}" in out
+    skipped = [line for line in err.splitlines() if line.startswith("skipped run")]
+    assert len(skipped) == 2, err
+    assert skipped[0].startswith(f"skipped run {evil} (evil): cannot be verified: logged model is "
+                                 "refused by torch's weights-only loader")
+    assert "exec" in skipped[0]
+    assert skipped[1] == (f"skipped run {other} (other-team): cannot be verified: not logged by "
+                          "this project (no tag made_by=mnist-mlflow)")
+
+
+def test_a_registered_model_of_another_team_is_refused_and_left_alone(store, capsys):
+    client = MlflowClient()
+    client.create_registered_model("theirs")  # not ours: no made_by tag
+    cand, _ = P.select_run(client, P.experiment_ids(client, "main"), P.Criteria(min(store.b_acc), 2, 8000))
+    client.create_model_version("theirs", source=cand.model_uri, run_id=store.a.run_id)
+    client.set_registered_model_alias("theirs", "champion", "1")
+    capsys.readouterr()
+
+    for dry in ([], ["--dry-run"]):
+        code = P.main(["--model-name", "theirs", "--target", str(min(store.b_acc)), "--hold", "2",
+                       "--experiment", "main", *dry])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.startswith("error: registered model 'theirs' exists and was not created by this "
+                              "project (no tag made_by=mnist-mlflow)") and err.count("\n") == 1
+    assert [str(v.version) for v in versions("theirs")] == ["1"]
+    assert str(client.get_model_version_by_alias("theirs", "champion").version) == "1"
+
+
+KILLED_AFTER_CREATE = """
+import os
+from mlflow import MlflowClient
+from tracking import promote as P
+
+create = MlflowClient.create_model_version
+def create_then_die(self, *args, **kwargs):  # SIGKILL right after the version exists
+    create(self, *args, **kwargs)
+    os._exit(9)
+MlflowClient.create_model_version = create_then_die
+P.main(["--model-name", "killed", "--target", os.environ["TARGET"], "--hold", "2",
+        "--experiment", "main"])
+"""
+
+
+def test_a_promotion_killed_after_creating_the_version_leaves_it_tagged(store, mnist):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "TARGET": repr(min(store.b_acc)),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_CREATE], cwd=store.root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    [version] = versions("killed")
+    assert version.tags["run_id"] == store.b.run_id and version.tags["hold_epochs"] == "2"
+
+    result = P.promote("killed", target=min(store.b_acc), hold=2, mnist=mnist)  # the rerun
+    assert not result.created and result.version == str(version.version)
+    assert str(MlflowClient().get_model_version_by_alias("killed", "champion").version) == "1"
+
+
+def test_a_rerun_completes_a_version_an_older_promoter_left_without_tags(store, mnist):
+    client = MlflowClient()
+    registry.ensure_registered_model(client, "untagged")
+    cand, _ = P.select_run(client, P.experiment_ids(client, "main"), P.Criteria(min(store.b_acc), 2, 8000))
+    client.create_model_version("untagged", source=cand.model_uri, run_id=cand.run_id,
+                                model_id=cand.model_uri.removeprefix("models:/"))
+    client.set_model_version_tag("untagged", "1", "hold_epochs", "7")  # one it has stays
+
+    result = P.promote("untagged", target=min(store.b_acc), hold=2, mnist=mnist)
+
+    assert not result.created and result.version == "1"
+    champion = client.get_model_version_by_alias("untagged", "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["run_id"] == store.b.run_id and champion.tags["hold_epochs"] == "7"
+    assert float(champion.tags["best_test_accuracy"]) == pytest.approx(max(store.b_acc))
+    assert float(champion.tags["held_test_accuracy"]) == pytest.approx(min(store.b_acc))
+    assert champion.tags["num_params"] == str(count_params(store.b.result.model))

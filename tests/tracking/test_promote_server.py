@@ -8,6 +8,7 @@ after their imports); the registry alone must leave exactly one version and one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,9 +20,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from mnist_mlflow.config import ModelConfig
 from mnist_mlflow.evaluation import evaluate
 from mnist_mlflow.models import TinyNet, count_params
 from tests.services import ROOT, tracking_server
+from tracking.safe_model import MADE_BY
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +66,9 @@ def hand_logged_run(mnist) -> tuple[str, float]:
     model = TinyNet().eval()
     _, acc = evaluate(model, torch.from_numpy(mnist.test_x[:500]).unsqueeze(1),
                       torch.from_numpy(mnist.test_y[:500]))
-    with mlflow.start_run(run_name="champion-to-be") as run:
-        mlflow.log_params({"num_params": count_params(model), "data.test_limit": 500})
+    with mlflow.start_run(run_name="champion-to-be", tags=dict([MADE_BY])) as run:  # as training logs
+        mlflow.log_params({"num_params": count_params(model), "data.test_limit": 500,
+                           **{f"model.{k}": v for k, v in dataclasses.asdict(ModelConfig()).items()}})
         for epoch in (1, 2):
             mlflow.log_metric("test_accuracy", acc, step=epoch)
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
