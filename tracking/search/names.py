@@ -15,6 +15,8 @@ STORAGE_TAG = "optuna.storage"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
 WORKER_TAG = "optuna.worker"
 RETRY_OF_TAG = "optuna.retry_of"
+RACE_TRIAL_TAG = "optuna.race_trial"  # a racing trial's further seed runs, nested under its run
+RACE_ROLE = "race-seed"
 
 # ---------------------------------------------------------------- Optuna user attributes
 # of the study (a shared search's parent run) and of each trial (where its run lives)
@@ -31,16 +33,20 @@ CONFIG = "config"  # the flat config the trial trained
 NUM_PARAMS = "num_params"
 VAL_HOLD_EPOCH = "val_hold_epoch"
 INCUMBENT = "incumbent"  # the base config, enqueued as a new study's first trial
+SEED_SCORES = "seed_scores"  # {seed: objective} of every seed the trial trained (racing)
+STOPPED_ATTR = "stopped_early"  # the reason: it could no longer come near the best trial
 
 # ---------------------------------------------------------------- trial states
 # One vocabulary for the trial_state tag, the printed counts and trials.csv.
 COMPLETE = "COMPLETE"  # run FINISHED, metric `objective`
 PRUNED = "PRUNED"  # run KILLED: the pruner stopped it
+STOPPED = "STOPPED"  # run KILLED: it could no longer come within the race margin of the best
 REJECTED = "REJECTED"  # run KILLED, never trained: over the parameter budget
 FAIL = "FAIL"  # run FAILED, or KILLED when interrupted; Optuna's word
 SURPLUS = "SURPLUS"  # run KILLED, never trained: a shared search's trial past its quota
 RUNNING = "RUNNING"  # still training (or queued, for a count)
-STATES = (COMPLETE, PRUNED, REJECTED, FAIL, SURPLUS, RUNNING)
+STATES = (COMPLETE, PRUNED, STOPPED, REJECTED, FAIL, SURPLUS, RUNNING)
 # The parent's count metrics; their names predate this vocabulary and runs are compared by them.
-COUNT_METRICS = {COMPLETE: "n_complete", PRUNED: "n_pruned", REJECTED: "n_rejected",
+COUNT_METRICS = {COMPLETE: "n_complete", PRUNED: "n_pruned", STOPPED: "n_stopped_early",
+                 REJECTED: "n_rejected",
                  FAIL: "n_failed", SURPLUS: "n_surplus", RUNNING: "n_unfinished"}

@@ -18,7 +18,7 @@ objective only tags it. The names are tracking/search/names.py's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import mlflow
 import optuna
@@ -78,10 +78,16 @@ class HoldReporter:
     accuracy is short of the threshold (the final score's best 4-epoch window would still
     contain epoch 1 at epoch 4, so early pruning would judge the warm-up). Prunes, and ends
     training once the hold completes, since nothing later can change the score.
+
+    `bar` (the best trial's objective + the race margin, None before there is one) stops a
+    trial as soon as even its best possible score is above it: it could not become the best
+    (nor be raced), so its remaining epochs would teach nothing. A further seed of a racing
+    trial (`primary=False`) neither reports nor stops early.
     """
 
-    def __init__(self, trial: optuna.Trial, spec: SearchSpec):
-        self.trial, self.spec = trial, spec
+    def __init__(self, trial: optuna.Trial, spec: SearchSpec, epochs: int,
+                 bar: Callable[[], Optional[float]] = lambda: None, primary: bool = True):
+        self.trial, self.spec, self.epochs, self.bar, self.primary = trial, spec, epochs, bar, primary
         self.val: list[float] = []
 
     @property
@@ -100,11 +106,28 @@ class HoldReporter:
             return self.value
         return self.spec.horizon + 1 + (self.spec.threshold - self.val[-1])
 
+    def lowest_possible(self) -> float:
+        """The best score this trial can still reach: its hold completing as soon as the
+        epochs left allow, at 100 %; past its last epoch, the never-held scores."""
+        hold = self.spec.base.target.hold
+        streak = next((i for i, a in enumerate(reversed(self.val)) if a < self.spec.threshold),
+                      len(self.val))
+        earliest = len(self.val) + max(hold - streak, 1)
+        return earliest - 0.99 if earliest <= self.epochs else self.spec.horizon + 1.0
+
     def __call__(self, m: EpochMetrics) -> bool:
         self.val.append(m.val_accuracy)
+        if not self.primary:
+            return self.held
         self.trial.report(self.progress, m.epoch)
         if self.held:
             return True  # stop: the objective is final
+        bar = self.bar()
+        if bar is not None and self.lowest_possible() > bar:
+            reason = (f"stopped at epoch {m.epoch}: its best possible score "
+                      f"{self.lowest_possible():.2f} is above the best trial's + race margin {bar:.2f}")
+            self.trial.set_user_attr(N.STOPPED_ATTR, reason)
+            raise Pruned(reason)
         if self.trial.should_prune():
             raise Pruned(f"pruned at epoch {m.epoch}: val_accuracy {m.val_accuracy:.2f}%, "
                          f"score {self.progress:.3f}")
@@ -115,6 +138,19 @@ class HoldReporter:
         pruner's later steps compare against it too."""
         for step in range(len(self.val) + 1, epochs + 1):
             self.trial.report(self.value, step)
+
+
+def race_bar(study: optuna.Study, margin: float) -> Optional[float]:
+    """The best COMPLETE trial's objective + `margin`; None while there is none."""
+    try:
+        return study.best_value + margin
+    except ValueError:  # no complete (feasible) trial yet
+        return None
+
+
+def _behind(score: float, bar: Optional[float]) -> bool:
+    """A first seed that scores above the bar cannot become the best: not worth more seeds."""
+    return bar is not None and score > bar
 
 
 class Objective:
@@ -167,14 +203,21 @@ class Objective:
         raise optuna.TrialPruned(f"rejected: {reason}")
 
     def _train(self, trial: optuna.Trial, cfg: C.RunConfig) -> float:
-        reporter = HoldReporter(trial, self.ctx.spec)
+        race = self.ctx.spec.settings.race
+        reporter = HoldReporter(trial, self.ctx.spec, cfg.optim.epochs,
+                                bar=lambda: race_bar(trial.study, race["margin"]))
         try:
-            outcome = runs.run_training(
-                cfg, mnist=self.ctx.mnist, nested=True, run_name=f"trial-{trial.number}",
-                tags=self._tags(trial, N.RUNNING), on_epoch_end=reporter,
-                log_model_artifact=self.ctx.spec.settings.log_models, progress=False)
+            outcome = self._fit(trial, cfg, reporter, f"trial-{trial.number}",
+                                self._tags(trial, N.RUNNING))
+            scores = {str(cfg.seed): reporter.value}  # str: Optuna stores attrs as JSON
+            trial.set_user_attr(N.SEED_SCORES, scores)
+            if race["seeds"] > 1 and not _behind(reporter.value, race_bar(trial.study, race["margin"])):
+                for seed in range(cfg.seed + 1, cfg.seed + race["seeds"]):
+                    scores[str(seed)] = self._race_seed(trial, C.replace(cfg, {"seed": seed}), outcome.run_id)
+                    trial.set_user_attr(N.SEED_SCORES, scores)
         except optuna.TrialPruned as exc:  # its run is KILLED already (Pruned is a StopRun)
-            self._close(trial, N.PRUNED, None, {"pruned_reason": str(exc)})
+            state = N.STOPPED if N.STOPPED_ATTR in trial.user_attrs else N.PRUNED
+            self._close(trial, state, None, {"pruned_reason": str(exc)})
             raise
         except KeyboardInterrupt:
             trial.set_user_attr(N.INTERRUPTED, True)  # a resumed search runs it again
@@ -183,15 +226,31 @@ class Objective:
         except Exception as exc:
             self._close(trial, N.FAIL, None, {"error": repr(exc)[:4000]})
             raise
-        value = reporter.value
+        value = sum(scores.values()) / len(scores)
         reporter.report_rest(cfg.optim.epochs)
         trial.set_user_attr(N.VAL_HOLD_EPOCH, len(reporter.val) if reporter.held else None)
         self.client.log_metric(outcome.run_id, "objective", value)
+        self.client.log_metric(outcome.run_id, "seeds", len(scores))
         if reporter.held:
             self.client.log_metric(outcome.run_id, "val_hold_epoch", len(reporter.val))
         self.client.set_tag(outcome.run_id, N.TRIAL_STATE, N.COMPLETE)
         trial.set_user_attr(N.RUN_ATTR, outcome.run_id)
         return value
+
+    def _fit(self, trial: optuna.Trial, cfg: C.RunConfig, reporter: HoldReporter, name: str,
+             tags: dict[str, str]) -> runs.RunOutcome:
+        return runs.run_training(
+            cfg, mnist=self.ctx.mnist, nested=True, run_name=name, tags=tags, on_epoch_end=reporter,
+            log_model_artifact=self.ctx.spec.settings.log_models, progress=False)
+
+    def _race_seed(self, trial: optuna.Trial, cfg: C.RunConfig, trial_run_id: str) -> float:
+        """One further seed of a promising trial, as a run nested under the trial's run."""
+        reporter = HoldReporter(trial, self.ctx.spec, cfg.optim.epochs, primary=False)
+        tags = {N.PARENT_TAG: trial_run_id, N.STUDY_TAG: self.ctx.study_name,
+                N.RACE_TRIAL_TAG: str(trial.number), N.ROLE: N.RACE_ROLE}
+        outcome = self._fit(trial, cfg, reporter, f"trial-{trial.number}-seed-{cfg.seed}", tags)
+        self.client.log_metric(outcome.run_id, "objective", reporter.value)
+        return reporter.value
 
     # ---------------------------------------------------------------- MLflow bookkeeping
 

@@ -25,8 +25,8 @@ class Options:
     epochs: Optional[int] = None
     storage: Optional[str] = None
     study_name: Optional[str] = None
-    timeout: Optional[float] = None
-    workers: int = 1
+    timeout: Optional[float] = None  # seconds; None: search.budget_minutes
+    workers: Optional[int] = None  # None: search.workers
     seed: Optional[int] = None
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -35,6 +35,7 @@ class Options:
     max_params: Optional[int] = None  # search.max_params
     study_trials: Optional[int] = None  # shared search: finished trials of the whole study
     heartbeat: Optional[int] = None  # seconds; None: HEARTBEAT_S
+    budget_minutes: Optional[float] = None  # None: search.budget_minutes (--timeout wins)
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,20 @@ class Plan:
         return self.study_trials is not None
 
 
+def timeout_of(opts: Options, file_minutes: Optional[float]) -> Optional[float]:
+    """Seconds after which no trial starts: --timeout, else the budget in minutes."""
+    if opts.timeout:
+        return opts.timeout
+    minutes = opts.budget_minutes or file_minutes
+    return None if minutes is None else 60.0 * minutes
+
+
 def resolve(opts: Options) -> Plan:
     spec = load_search(opts.config, cli.overrides(opts, CONFIG_FLAGS), max_params=opts.max_params)
     s = spec.settings
     plan = Plan(spec, n_trials=opts.n_trials or s.n_trials, storage=opts.storage or s.storage,
-                study_name=opts.study_name or s.study_name, timeout=opts.timeout,
-                workers=opts.workers,
+                study_name=opts.study_name or s.study_name, timeout=timeout_of(opts, s.budget_minutes),
+                workers=opts.workers or s.workers,
                 seed=opts.seed if opts.seed is not None else s.sampler.get("seed", 0),
                 study_trials=opts.study_trials, heartbeat=opts.heartbeat or HEARTBEAT_S,
                 experiment=opts.experiment)

@@ -31,9 +31,11 @@ BEST_CONFIG = "best_config.yaml"
 
 def trial_state(t: FrozenTrial) -> str:
     """The trial's state as its run's `trial_state` tag says it (names.STATES), from Optuna's:
-    REJECTED and SURPLUS trials are PRUNED and FAIL there; RUNNING counts queued ones too."""
+    REJECTED and STOPPED trials are PRUNED there, SURPLUS ones FAIL; RUNNING counts queued ones too."""
     if t.state == TrialState.PRUNED:
-        return N.REJECTED if N.REJECTED_ATTR in t.user_attrs else N.PRUNED
+        if N.REJECTED_ATTR in t.user_attrs:
+            return N.REJECTED
+        return N.STOPPED if N.STOPPED_ATTR in t.user_attrs else N.PRUNED
     if t.state == TrialState.FAIL and t.user_attrs.get(N.SURPLUS_ATTR):
         return N.SURPLUS
     return {TrialState.COMPLETE: N.COMPLETE, TrialState.FAIL: N.FAIL}.get(t.state, N.RUNNING)

@@ -56,6 +56,8 @@ class Param:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     n_trials: int = 30
+    budget_minutes: Optional[float] = None  # no trial starts after it; None: no time limit
+    workers: int = 1  # local worker processes (--workers overrides)
     study_name: str = "mnist-search"
     storage: str = "sqlite:///optuna.db"
     max_params: int = 8000  # the hard budget: a trial over it never trains
@@ -67,6 +69,9 @@ class Settings:
     log_models: bool = False  # a model per trial costs time and disk; the best is retrained
     sampler: dict = dataclasses.field(default_factory=lambda: {"seed": 0, "n_startup_trials": 10})
     pruner: dict = dataclasses.field(default_factory=lambda: {"name": "median"})
+    # seeds: a promising trial's seeds in all (its objective is their mean); margin: how far
+    # behind the best mean a first seed may score and still count as promising (objective units)
+    race: dict = dataclasses.field(default_factory=lambda: {"seeds": 1, "margin": 0.0})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +171,19 @@ def parse_settings(raw: dict[str, Any]) -> Settings:
     _need(isinstance(s.enqueue_base, bool), "search.enqueue_base", s.enqueue_base, "true or false")
     _need(isinstance(s.sampler, dict) and set(s.sampler) <= {"seed", "n_startup_trials"},
           "search.sampler", s.sampler, "a mapping with seed and/or n_startup_trials")
+    _need(s.budget_minutes is None or (isinstance(s.budget_minutes, (int, float))
+          and not isinstance(s.budget_minutes, bool) and 0 < s.budget_minutes < math.inf),
+          "search.budget_minutes", s.budget_minutes, "a number of minutes > 0, or null")
+    _need(isinstance(s.workers, int) and not isinstance(s.workers, bool) and s.workers >= 1,
+          "search.workers", s.workers, "an integer >= 1")
+    race = {"seeds": 1, "margin": 0.0, **(s.race if isinstance(s.race, dict) else {"?": s.race})}
+    _need(set(race) == {"seeds", "margin"}, "search.race", s.race, "a mapping with seeds and/or margin")
+    _need(isinstance(race["seeds"], int) and not isinstance(race["seeds"], bool) and 1 <= race["seeds"] <= 20,
+          "search.race.seeds", race["seeds"], "an integer 1..20")
+    _need(isinstance(race["margin"], (int, float)) and not isinstance(race["margin"], bool)
+          and 0 <= race["margin"] < math.inf, "search.race.margin", race["margin"],
+          "a number >= 0 (objective units: epochs)")
+    s = dataclasses.replace(s, race=race)
     make_pruner(s.pruner)  # fails here, not in the first trial
     return s
 

@@ -19,11 +19,13 @@ ROTATION = {"augment.rotation_degrees": {"type": "float", "low": 0.0, "high": 15
 
 def write_search(tmp_path: Path, space: dict, **settings) -> Path:
     """experiments/search.yaml with another space and search settings (by default no fixed
-    paths and no incumbent trial, so that trial numbers are the sampler's)."""
+    paths, no incumbent trial, so that trial numbers are the sampler's, one worker and one seed
+    per trial)."""
     raw = yaml.safe_load(SEARCH_YAML.read_text())
     raw["extends"] = str(SEARCH_YAML.parent / raw["extends"])
     raw["space"] = space
-    raw["search"].update({"fixed": [], "enqueue_base": False, **settings})
+    raw["search"].update({"fixed": [], "enqueue_base": False, "workers": 1,
+                          "race": {"seeds": 1, "margin": 0.0}, **settings})
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -30,8 +30,9 @@ def test_over_budget_trials_are_rejected_untrained(tmp_path, mnist, tracking_uri
     fit_that(monkeypatch, raise_on_call=1, error=AssertionError("an over-budget model trained"))
     result = run_search(options(tmp_path, config), mnist=mnist)
 
-    assert result.counts == {"COMPLETE": 0, "PRUNED": 0, "REJECTED": 2, "FAIL": 0, "SURPLUS": 0,
-                             "RUNNING": 0}
+    # rejections use up no trial; a space with nothing under the budget still ends
+    assert result.counts == {"COMPLETE": 0, "PRUNED": 0, "STOPPED": 0, "REJECTED": 10, "FAIL": 0,
+                             "SURPLUS": 0, "RUNNING": 0}
     assert result.best is None
     with pytest.raises(ValueError):
         result.study.best_trial  # noqa: B018 - Optuna has no best: nothing feasible completed
@@ -39,13 +40,25 @@ def test_over_budget_trials_are_rejected_untrained(tmp_path, mnist, tracking_uri
         assert t.state == TrialState.PRUNED and "8,710 parameters" in t.user_attrs["rejected"]
         assert t.constraints == {"params_over_budget": 710.0}
     children = child_runs(result.parent_run_id)
-    assert [r.data.tags["trial_state"] for r in children] == ["REJECTED", "REJECTED"]
+    assert [r.data.tags["trial_state"] for r in children] == ["REJECTED"] * 10
     for r in children:
         assert r.info.status == "KILLED" and r.data.metrics == {}
         assert r.data.params["num_params"] == "8710" and "over the budget" in r.data.tags["rejected_reason"]
     parent = mlflow.get_run(result.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["n_rejected"] == 2
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_rejected"] == 10
     assert not any(k.startswith("best.") for k in parent.data.params)
+
+
+def test_over_budget_trials_do_not_use_up_the_trials_asked_for(tmp_path, mnist, tracking_uri):
+    # width1 12 with these widths: 8,710 parameters (rejected); 8: 7,442 (trains)
+    config = write_search(tmp_path, {"model.width1": {"type": "categorical", "choices": [12, 8]},
+                                     "model.width2": {"type": "categorical", "choices": [16]},
+                                     **{f"model.width{i}": {"type": "categorical", "choices": [16]} for i in (3, 4, 5)},
+                                     "model.width6": {"type": "categorical", "choices": [None]}})
+    result = run_search(options(tmp_path, config, n_trials=3, epochs=1), mnist=mnist)
+    c = result.counts
+    assert c["COMPLETE"] + c["PRUNED"] + c["STOPPED"] == 3 and c["REJECTED"] >= 1
+    assert c["REJECTED"] == sum(t.params["model.width1"] == 12 for t in result.study.trials)
 
 
 def test_a_pruned_trial_is_pruned_in_optuna_and_killed_in_mlflow(tmp_path, mnist, tracking_uri):
@@ -89,7 +102,7 @@ def test_failures_do_not_stop_the_study_and_runs_nest_under_the_parent(tmp_path,
                                                                        tracking_uri, monkeypatch):
     config = write_search(tmp_path, {"model.width1": {"type": "categorical", "choices": [9, 12]},
                                      **ROTATION})
-    opts = options(tmp_path, config, n_trials=3)
+    opts = options(tmp_path, config, n_trials=2)  # the rejected trial uses up none
     spec = load_search(config, {"data.val_size": 500, "data.train_limit": 256, "optim.epochs": 1})
     study, _ = search_study.open_study(spec, search_study.open_storage(opts.storage), opts.study_name)
     for width1 in (9, 12, 9):  # fail, rejected, complete: in this order
@@ -141,7 +154,7 @@ def test_the_pruner_compares_hold_scores_in_the_studys_direction():
 
     def run(val: list[float]) -> str:
         trial = study.ask()
-        reporter = HoldReporter(trial, spec)
+        reporter = HoldReporter(trial, spec, 15)
         try:
             for epoch, acc in enumerate(val, 1):
                 m = EpochMetrics(epoch, 0.1, 99.0, 0.1, 99.0, 0.01, 1.0, val_loss=0.1, val_accuracy=acc)
@@ -161,3 +174,43 @@ def test_the_pruner_compares_hold_scores_in_the_studys_direction():
     better = [97.5, 98.5, 99.0, 99.31, 99.35, 99.36, 99.4]
     assert run(better) == "complete"
     assert study.best_trial.number == 4 and study.best_value < 7  # held at epoch 7, stopped there
+
+
+def test_a_trial_stops_once_it_cannot_come_within_the_race_margin_of_the_best():
+    """Best 8.0, margin 1.0: the bar is 9.0. With no epoch above the threshold yet, the earliest
+    hold completes 4 epochs on, so after epoch 5 the best possible score is 9 - 0.99 (goes on)
+    and after epoch 6 it is 10 - 0.99 > 9 (stopped, STOPPED rather than PRUNED)."""
+    from mnist_mlflow.train import EpochMetrics
+    from tracking.search.objective import HoldReporter, Pruned, race_bar
+
+    spec = load_search(SEARCH_YAML)
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.NopPruner())
+    study.add_trial(optuna.trial.create_trial(value=8.0))
+    trial = study.ask()
+    reporter = HoldReporter(trial, spec, 15, bar=lambda: race_bar(study, 1.0))
+    metrics = lambda epoch: EpochMetrics(epoch, 0.1, 99.0, 0.1, 99.0, 0.01, 1.0,  # noqa: E731
+                                         val_loss=0.1, val_accuracy=99.0)
+    for epoch in range(1, 6):
+        assert reporter(metrics(epoch)) is False
+    assert reporter.lowest_possible() == pytest.approx(9 - 0.99)
+    with pytest.raises(Pruned, match="stopped at epoch 6"):
+        reporter(metrics(6))
+    assert "stopped at epoch 6" in study.trials[-1].user_attrs["stopped_early"]
+    assert race_bar(optuna.create_study(), 1.0) is None  # no best yet: nothing stops
+
+
+def test_a_promising_trial_is_raced_over_more_seeds_and_scored_by_their_mean(tmp_path, mnist, tracking_uri):
+    config = write_search(tmp_path, ROTATION, race={"seeds": 2, "margin": 100.0})
+    result = run_search(options(tmp_path, config, n_trials=1), mnist=mnist)
+
+    (trial,) = result.study.trials
+    scores = trial.user_attrs["seed_scores"]
+    assert set(scores) == {"1", "2"} and trial.value == pytest.approx(sum(scores.values()) / 2)
+    (run,) = child_runs(result.parent_run_id)
+    assert run.data.metrics["seeds"] == 2 and run.data.metrics["objective"] == pytest.approx(trial.value)
+    client = mlflow.MlflowClient()
+    (seed_run,) = client.search_runs([run.info.experiment_id],
+                                     f"tags.`optuna.race_trial` = '{trial.number}'")
+    assert seed_run.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert seed_run.data.params["seed"] == "2" and seed_run.info.status == "FINISHED"
+    assert seed_run.data.metrics["objective"] == pytest.approx(scores["2"])

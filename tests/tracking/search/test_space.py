@@ -71,14 +71,31 @@ def test_the_search_file_keeps_the_assignments_fixed_points_and_searches_the_res
     assert spec.budget == 8000 and spec.base.model.max_params == 8000
     assert spec.base.model.dropout == 0.05 and spec.base.augment.rotation_degrees == 6.9
     assert not {"model.dropout", "augment.rotation_degrees", "model.max_params"} & set(space)
-    assert {"optim.epochs", "optim.name", "optim.batch_size", "optim.ema_decay", "schedule.max_lr",
-            "schedule.pct_start", "schedule.anneal", "augment.thickness_prob", "model.width1",
-            "model.width2", "model.width_transition", "model.width3", "model.width4",
-            "model.width5", "model.width6"} <= set(space)
+    # the mission's: the learning-rate schedule, augmentation strength, weight averaging, batch size
+    assert set(space) == {"optim.epochs", "schedule.max_lr", "schedule.pct_start", "schedule.div_factor",
+                          "schedule.final_div_factor", "schedule.anneal", "augment.translate_px",
+                          "augment.thickness_prob", "optim.ema_decay", "optim.batch_size"}
     assert spec.horizon == 15 and spec.threshold == pytest.approx(99.3)
+    assert spec.settings.race["seeds"] > 1 and spec.settings.budget_minutes == 60
     with pytest.raises(ConfigError, match="fixes it"):  # the file refuses to search them
         load_search(write_search(Path(tempfile.mkdtemp()), ROTATION,
                                  fixed=["augment.rotation_degrees"]))
+
+
+def test_the_architecture_search_searches_only_the_widths_of_stage_3s_recipe():
+    arch, stage3 = load_search(ROOT / "experiments/search_arch.yaml"), C.load(ROOT / "experiments/stage3.yaml")
+    assert {p.path for p in arch.space} == {"model.width1", "model.width2", "model.width_transition",
+                                            "model.width3", "model.width4", "model.width5", "model.width6"}
+    a, b = C.flatten(arch.base), C.flatten(stage3)
+    assert {k for k in a if a[k] != b[k]} == {"stage", "data.val_size"}
+    assert load_search(ROOT / "experiments/search_arch.yaml", max_params=5000).budget == 5000
+
+
+@pytest.mark.parametrize("race, match", [({"seeds": 0}, "race.seeds"), ({"margin": -1}, "race.margin"),
+                                         ({"rounds": 2}, "search.race")])
+def test_a_bad_race_setting_is_refused(tmp_path, race, match):
+    with pytest.raises(ConfigError, match=match):
+        load_search(write_search(tmp_path, ROTATION, race=race))
 
 
 def test_the_sgd_search_is_the_search_with_sgd_its_lr_range_and_nesterov():
