@@ -13,6 +13,7 @@ from mnist_mlflow.data import DataError
 from tracking import cli, dashboard
 from tracking.search import names as N
 from tracking.search import report
+from tracking.search.local import WorkersFailed
 from tracking.search.plan import CONFIG_FLAGS, DEFAULT_CONFIG, Options, resolve
 from tracking.search.run import SearchResult, run_search
 from tracking.search.study import HEARTBEAT_S
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, DataError, MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WorkersFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         print("interrupted: run the same command again to resume the study", file=sys.stderr)
         return exit_code(exc)

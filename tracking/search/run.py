@@ -17,7 +17,8 @@ from tracking import cli
 from tracking.search import parent, report
 from tracking.search.plan import Options, resolve
 from tracking.search.study import open_storage, open_study, requeue_interrupted
-from tracking.search.workers import make_jobs, run_jobs
+from tracking.search.local import run_jobs
+from tracking.search.workers import make_jobs
 
 
 @dataclass

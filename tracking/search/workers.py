@@ -12,7 +12,6 @@ again and its run ended FAILED by the first worker that looks (study.RetryAndClo
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import socket
 import sys
@@ -35,7 +34,7 @@ from tracking.search.plan import Plan
 from tracking.search.sampling import make_sampler
 from tracking.search.space import SearchSpec, make_pruner
 from tracking.search.study import HEARTBEAT_S, open_storage, sampler_seed
-from tracking.signals import sigterm_as_interrupt
+from tracking.signals import exit_code, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +86,6 @@ def make_jobs(plan: Plan, parent_run_id: str, experiment_id: str, n_existing: in
             for i, n in enumerate(per_worker) if n is None or n > 0]
 
 
-def run_jobs(jobs: list[WorkerJob], mnist: Mnist | None) -> None:
-    if len(jobs) == 1:
-        optimize(jobs[0], mnist)
-    else:
-        run_processes(jobs)
-
-
 def optimize(job: WorkerJob, mnist: Mnist | None = None) -> None:
     """One worker's loop; a trial that raises is FAIL and the loop goes on (catch=Exception)."""
     study = optuna.load_study(study_name=job.study_name,
@@ -118,31 +110,8 @@ def worker_main(job: WorkerJob) -> None:
     try:
         with sigterm_as_interrupt():
             optimize(job)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is recorded; no traceback
-        sys.exit(130)
-
-
-def run_processes(jobs: list[WorkerJob]) -> None:
-    """Spawn (not fork: torch and MLflow hold threads), wait, and stop them all on any exit."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=worker_main, args=(job,), name=f"search-worker-{i}")
-             for i, job in enumerate(jobs)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:  # on Ctrl-C/SIGTERM here: let each worker end its trial cleanly
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-    failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"search workers failed: {', '.join(failed)}")
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the trial is recorded; no traceback
+        sys.exit(exit_code(exc))
 
 
 # ---------------------------------------------------------------- a shared search's quota

@@ -3,12 +3,18 @@ worker's trial is failed, retried with its params, and its run closed."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import mlflow
 import optuna
+import pytest
 from optuna.trial import TrialState
 
+from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, child_runs, shared, write_search
 from tracking.search import names as N
 from tracking.search import study as search_study
@@ -52,3 +58,55 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(tmp_path, mni
                  if r.data.tags["optuna.trial_number"] == str(retry.number)]
     assert [r.data.tags["optuna.retry_of"] for r in retry_run] == [str(dead.number)]
     assert mlflow.get_run(first.parent_run_id).info.status == "FINISHED"
+
+
+def wait_for_incumbent_epoch(proc: subprocess.Popen, storage: str, timeout: float = 300) -> int:
+    """The pid of the local worker training the incumbent (trial 0), once it logged an epoch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            trial = optuna.load_study(study_name="killed", storage=storage).trials[0]
+        except (KeyError, IndexError):  # no study or trial yet
+            trial = None
+        if trial is not None and trial.state == TrialState.RUNNING and any(r.data.metrics for r in trial_runs(0)):
+            return int(trial.user_attrs[N.WORKER_ATTR].rsplit(":", 1)[1])
+        time.sleep(0.2)
+    pytest.fail(f"trial 0 never trained within {timeout} s (rc {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+def trial_runs(number: int) -> list:
+    """The MLflow runs tagged with trial `number` (a retry has its own number)."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("search-test")
+    return client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`{N.TRIAL_NUMBER_TAG}` = '{number}'")) if exp else []
+
+
+def test_a_killed_local_worker_is_recovered_and_its_incumbent_trial_run_again(tmp_path, tracking_uri):
+    """SIGKILL to one of --workers 2 mid-trial: its trial (the enqueued stage-3 incumbent) is
+    failed by heartbeat and queued again, a new process runs it as the rest of that worker's
+    share, and the search ends normally, saying so in a line."""
+    config = write_search(tmp_path, ROTATION, enqueue_base=True)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracking.search", "--config", str(config), "--n-trials", "2",
+         "--workers", "2", "--heartbeat", "1", "--epochs", "2", "--train-limit", "1000",
+         "--test-limit", "300", "--set", "data.val_size=500", "--storage", storage,
+         "--study-name", "killed", "--experiment", "search-test"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.kill(wait_for_incumbent_epoch(proc, storage), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert "was killed by SIGKILL; its trial 0 is failed and queued again" in err
+
+    trials = optuna.load_study(study_name="killed", storage=storage).trials
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert trials[0].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs[N.INCUMBENT] is True
+    assert retry.params == trials[0].params
+    assert sum(t.state != TrialState.FAIL for t in trials) == 2  # the lost worker's share too
+    (killed_run,) = trial_runs(0)
+    assert killed_run.info.status == "FAILED" and "lost: no heartbeat" in killed_run.data.tags["error"]
