@@ -104,6 +104,54 @@ def test_a_blank_image_is_an_error(tmp_path):
         PP.load_digit(path)
 
 
+@pytest.mark.parametrize("name, image", [
+    ("gray.png", np.full((60, 40), 128, np.uint8)),
+    ("one-pixel.png", np.full((1, 1), 128, np.uint8)),
+    ("faint.png", np.pad(np.full((10, 4), 140, np.uint8), 20, constant_values=128)),
+    ("noise.png", np.random.default_rng(0).integers(0, 256, (80, 80)).astype(np.uint8)),
+    ("gaussian.png", np.clip(np.random.default_rng(1).normal(128, 40, (80, 80)), 0, 255).astype(np.uint8)),
+])
+def test_an_image_without_a_digit_is_reported_as_such(tmp_path, name, image):
+    """These were each given a digit, some with p > 0.9."""
+    path = tmp_path / name
+    assert cv2.imwrite(str(path), image)
+    with pytest.raises(PP.ImageError, match=f"{name}: no digit found"):
+        PP.load_digit(path)
+
+
+def canvas_export(digit: np.ndarray, ink: tuple[int, int, int]) -> np.ndarray:
+    """A drawing app's PNG: one ink colour everywhere (BGR), the strokes only in alpha."""
+    alpha = cv2.resize(digit, (140, 140), interpolation=cv2.INTER_CUBIC)
+    bgra = np.zeros((180, 200, 4), np.uint8)
+    bgra[..., :3] = ink
+    bgra[20:160, 30:170, 3] = alpha
+    return bgra
+
+
+@pytest.mark.parametrize("ink", [(0, 0, 0), (255, 255, 255), (200, 60, 20)])
+def test_strokes_drawn_only_in_alpha_are_the_digit(tmp_path, mnist, ink):
+    """Read as grayscale, such a file was one flat colour: 'blank'."""
+    scores = []
+    for i in range(5):
+        path = tmp_path / f"canvas{i}.png"
+        assert cv2.imwrite(str(path), canvas_export(mnist.test_x[i], ink))
+        scores.append(correlation(PP.load_digit(path), PP.to_mnist(mnist.test_x[i])))
+    assert min(scores) > 0.85, scores  # a one-pixel shift in centring costs thin strokes
+
+
+def test_a_translucent_picture_is_composited_over_white(tmp_path, mnist):
+    bgra = np.full((100, 100, 4), 255, np.uint8)
+    bgra[..., 3] = 0  # transparent white paper, a dark digit painted opaque on it
+    digit = cv2.resize(mnist.test_x[0], (70, 70), interpolation=cv2.INTER_CUBIC)
+    bgra[15:85, 15:85, :3] = 255 - digit[..., None]
+    bgra[15:85, 15:85, 3] = 255
+    path = tmp_path / "sheet.png"
+    assert cv2.imwrite(str(path), bgra)
+    on_white = np.full((100, 100), 255, np.uint8)  # what a viewer shows
+    on_white[15:85, 15:85] = 255 - digit
+    np.testing.assert_array_equal(PP.load_digit(path), PP.to_mnist(on_white))
+
+
 def huge_png(path: Path, side: int) -> Path:
     """A PNG whose header says side x side pixels; its data is a stub (a header check must suffice)."""
     import struct
@@ -165,6 +213,11 @@ def test_photos_get_the_same_class_as_the_originals(mnist, photos, model):
     agreement = (got == expected[[i for i, _ in photos]]).mean()
     assert agreement >= 0.9, f"only {agreement:.0%} of the photos agree with their originals"
     assert all(0.1 <= r.probability <= 1.0 for r in results)
+
+
+def test_the_example_digits_are_still_read_as_their_digits(model):
+    files = [str(ROOT / "examples/digits" / f) for f in ("three.png", "seven.jpg", "five_dark.png")]
+    assert [r.digit for r in PR.predict_files(files, model)] == [3, 7, 5]
 
 
 def test_more_files_than_the_model_takes_a_call_go_in_several_batches(photos, model, monkeypatch):
