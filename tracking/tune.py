@@ -69,7 +69,8 @@ def _sets(args: argparse.Namespace) -> list[str]:
 def search_step(args: argparse.Namespace, storage: str, study: str) -> Step:
     return Step("search", [sys.executable, "-m", "tracking.search", "--config", args.config,
                            "--storage", storage, "--study-name", study]
-                + _flags([("--n-trials", args.n_trials), ("--epochs", args.epochs),
+                + _flags([("--n-trials", args.n_trials), ("--budget-minutes", args.budget_minutes),
+                          ("--epochs", args.epochs),
                           ("--train-limit", args.train_limit), ("--test-limit", args.test_limit)])
                 + _sets(args))
 
@@ -182,10 +183,14 @@ def check(args: argparse.Namespace) -> tuple[str, str]:
 
 def parser() -> cli.Parser:
     p = cli.parser("python -m tracking.tune", __doc__)
-    confirm.add_step_arguments(p, {"top": "3", "seeds": "2", "precisions": "bf16,fp32",
-                                   "threads": "1,2", "final_seeds": "10",
-                                   "final_precisions": "bf16,fp32"}, what="confirm: ")
+    # Sized for 2 CPU cores: the search's hour, then 2 candidates + the base x 2 seeds on
+    # validation and 10 final seeds on test, fp32 at 2 threads (README: add bf16 where native).
+    confirm.add_step_arguments(p, {"top": "2", "seeds": "2", "precisions": "fp32",
+                                   "threads": "2", "final_seeds": "10",
+                                   "final_precisions": "fp32"}, what="confirm: ")
     cli.add(p, "--n-trials", int, 1, help="search: trials (default: the search file's)")
+    cli.add(p, "--budget-minutes", float, 0, help="search: minutes after which no trial starts "
+                                                  "(default: the search file's)")
     p.add_argument("--model-name", default=promote.DEFAULT_MODEL_NAME)
     cli.add(p, "--promote-target", float, help="promote --target (default: the stage 3 file's "
                                                "target.accuracy); a quick look on tiny data needs a lower one")

@@ -3,6 +3,7 @@ needs no storage, run or process, so a bad file or flag fails before any exists.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -36,6 +37,7 @@ class Options:
     study_trials: Optional[int] = None  # shared search: finished trials of the whole study
     heartbeat: Optional[int] = None  # seconds; None: HEARTBEAT_S
     budget_minutes: Optional[float] = None  # None: search.budget_minutes (--timeout wins)
+    enqueue_base: Optional[bool] = None  # None: search.enqueue_base
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ def timeout_of(opts: Options, file_minutes: Optional[float]) -> Optional[float]:
 
 def resolve(opts: Options) -> Plan:
     spec = load_search(opts.config, cli.overrides(opts, CONFIG_FLAGS), max_params=opts.max_params)
+    if opts.enqueue_base is not None:
+        spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, enqueue_base=opts.enqueue_base))
     s = spec.settings
     plan = Plan(spec, n_trials=opts.n_trials or s.n_trials, storage=opts.storage or s.storage,
                 study_name=opts.study_name or s.study_name, timeout=timeout_of(opts, s.budget_minutes),
