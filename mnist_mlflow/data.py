@@ -163,12 +163,24 @@ def _read_idx_stream(f, path: Path, shape_expected: tuple[int, ...]) -> np.ndarr
         raise DataError(f"{path}: its header says {shape}; expected {shape_expected} "
                         "(an IDX folder holds exactly 60,000 training and 10,000 test images of 28x28)")
     count = int(np.prod(shape))
-    body = f.read(count)
-    if len(body) != count:
-        raise DataError(f"{path} holds {len(body)} values, its header says {shape}")
+    body = np.empty(count, dtype=np.uint8)  # writable: torch.from_numpy warns about a read-only array
+    got = _read_into(f, memoryview(body))
+    if got != count:
+        raise DataError(f"{path} holds {got} values, its header says {shape}")
     if f.read(1):
         raise DataError(f"{path} holds more than the {count} values its header says {shape}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+    return body.reshape(shape)
+
+
+def _read_into(f, buffer: memoryview, chunk: int = 1 << 20) -> int:
+    """Fills `buffer` until the stream ends; in chunks, as gzip's readinto holds a copy of each."""
+    filled = 0
+    while filled < len(buffer):
+        n = f.readinto(buffer[filled:filled + chunk])
+        if not n:
+            break
+        filled += n
+    return filled
 
 
 def load_idx_dir(folder: str | Path) -> dict[str, np.ndarray]:

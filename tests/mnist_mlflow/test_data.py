@@ -87,6 +87,8 @@ def test_idx_folder_is_accepted(tmp_path, mnist):
         _write_idx(tmp_path / (f"{name}.gz" if "labels" in name else name), arr)  # both forms
     loaded = D.load_mnist(data_dir=tmp_path)
     assert loaded.digest == mnist.digest and loaded.source.startswith("idx:")
+    # training hands them to torch.from_numpy, which warns about read-only arrays
+    assert all(a.flags.writeable for a in (loaded.train_x, loaded.train_y, loaded.test_x, loaded.test_y))
 
 
 def _header(*shape):
