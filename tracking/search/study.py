@@ -95,6 +95,19 @@ def fixed_settings(spec: SearchSpec) -> dict:
             "hold": b.target.hold, "horizon": spec.horizon}
 
 
+def space_record(spec: SearchSpec) -> dict[str, list]:
+    """The search space as the study stores it (JSON): path -> [distribution, `when` conditions]."""
+    return {p.path: [optuna.distributions.distribution_to_json(p.distribution),
+                     [[path, list(allowed)] for path, allowed in p.when]] for p in spec.space}
+
+
+def space_diff(have: dict[str, list], want: dict[str, list]) -> str:
+    """What a file with space `want` changes in a study made with `have`, by config path."""
+    changes = (("adds", [k for k in want if k not in have]), ("drops", [k for k in have if k not in want]),
+               ("changes", [k for k in want if k in have and have[k] != want[k]]))
+    return "; ".join(f"{word} {', '.join(paths)}" for word, paths in changes if paths)
+
+
 def create_or_load(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study, bool]:
     """The study, and whether this call created it: the database decides, so among workers
     starting at once exactly one is the creator."""
@@ -134,6 +147,14 @@ def check_settings(spec: SearchSpec, study: optuna.Study) -> None:
                          for k, v in want.items() if have.get(k) != v)
         raise C.ConfigError(f"study {name!r} was run with {diff}: its trials would not be "
                             "comparable; use the same values or another --study-name")
+    # Optuna itself refuses only some changes (categorical choices), and only inside a trial.
+    want, have = space_record(spec), study.user_attrs.get("space")
+    if have is None:
+        study.set_user_attr("space", want)
+    elif have != want:
+        raise C.ConfigError(f"study {name!r} was made with another search space: {spec.source} "
+                            f"{space_diff(have, want)}; use the study's search file or another "
+                            "--study-name")
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:

@@ -17,7 +17,9 @@ from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, write_search
 from tracking.search import cli as search
 from tracking.search import names as N
+from tracking.search import study as search_study
 from tracking.search.plan import Options
+from tracking.search.space import load_search
 
 
 def test_cli_refuses_a_bad_file_before_anything_exists(tmp_path, capsys):
@@ -93,3 +95,21 @@ def test_a_signalled_search_exits_like_a_stage_run(tmp_path, tracking_uri, signu
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted: run the same command again to resume the study"
+
+
+def test_another_search_space_for_an_existing_study_is_refused_before_any_run(tmp_path, tracking_uri,
+                                                                           capsys):
+    first = write_search(tmp_path, ROTATION)
+    storage = f"journal:{tmp_path}/optuna.log"
+    made = load_search(first, {"optim.epochs": 1, "data.train_limit": 256, "data.test_limit": 100})
+    search_study.open_study(made, search_study.open_storage(storage), "sp")  # as a search does
+    (tmp_path / "other").mkdir()
+    other = write_search(tmp_path / "other", {
+        **ROTATION, "optim.batch_size": {"type": "categorical", "choices": [64, 128]}})
+    tiny = ["--n-trials", "1", "--epochs", "1", "--train-limit", "256", "--test-limit", "100"]
+    assert search.main(["--config", str(other), "--storage", storage, "--study-name", "sp", *tiny]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if " INFO mlflow" not in line]
+    assert err == [f"error: study 'sp' was made with another search space: {other} adds "
+                   "optim.batch_size; use the study's search file or another --study-name"]
+    client = mlflow.MlflowClient()
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

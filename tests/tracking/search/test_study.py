@@ -50,3 +50,15 @@ def test_a_study_resumes_only_under_the_same_fixed_settings(tmp_path):
     search_study.open_study(load_search(config, {"optim.epochs": 3}), storage, "s")  # resumes
     with pytest.raises(ConfigError, match=r"horizon=3 \(now 5\)"):
         search_study.open_study(load_search(config, {"optim.epochs": 5}), storage, "s")
+
+
+def test_a_study_resumes_only_with_its_search_space(tmp_path):
+    """search.yaml's study resumed with search_sgd.yaml: Optuna would fail the trials one by
+    one (a categorical's choices) or mix two spaces silently (a float's range)."""
+    storage = search_study.open_storage(f"journal:{tmp_path}/optuna.log")
+    search_study.open_study(load_search(SEARCH_YAML), storage, "sp")
+    search_study.open_study(load_search(SEARCH_YAML), storage, "sp")  # resumes
+    sgd = SEARCH_YAML.parent / "search_sgd.yaml"
+    with pytest.raises(ConfigError, match=r"study 'sp' was made with another search space: "
+                                          r".*search_sgd.yaml adds optim.name, optim.nesterov; changes schedule.max_lr;"):
+        search_study.open_study(load_search(sgd), storage, "sp")
