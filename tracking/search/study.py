@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -70,7 +71,11 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
             backend = optuna.storages.journal.JournalFileBackend(path)
         except OSError as exc:
             raise C.ConfigError(f"storage {url!r} cannot be written ({exc.strerror or exc})") from None
-        return optuna.storages.journal.JournalStorage(backend)
+        check_journal(url, path)
+        try:
+            return optuna.storages.journal.JournalStorage(backend)  # replays the file
+        except (ValueError, KeyError, TypeError) as exc:  # JSON, but not Optuna's entries
+            raise corrupt_journal(url, f"{type(exc).__name__}: {exc}") from None
     for attempt in range(1, 4):
         try:
             with warnings.catch_warnings():
@@ -84,6 +89,23 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
             if attempt == 3:
                 raise
             time.sleep(random.uniform(0.5, 1.5))
+
+
+def check_journal(url: str, path: str) -> None:
+    """Every complete line must be JSON. Optuna fails on a bad line only once another follows
+    it, mid-search; a last line without its newline is a write in progress, not damage."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.endswith(b"\n"):
+                try:
+                    json.loads(line)
+                except ValueError:
+                    raise corrupt_journal(url, f"line {number} is not JSON") from None
+
+
+def corrupt_journal(url: str, why: str) -> C.ConfigError:
+    return C.ConfigError(f"storage {url!r}: the journal file is damaged ({why}); move it away to "
+                         "start a new study, or give another --storage")
 
 
 def fixed_settings(spec: SearchSpec) -> dict:
