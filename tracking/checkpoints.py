@@ -11,7 +11,9 @@ import yaml
 
 from mnist_mlflow import config as C
 from mnist_mlflow import threads as T
+from mnist_mlflow.train import EpochMetrics
 from tracking import liveness
+from tracking.run_logging import log_epoch
 
 CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "last.pt"  # replaced after every epoch
 THREADS_PARAM = "threads_resolved"  # the torch threads a run trained with (its `threads` may say auto)
@@ -69,9 +71,32 @@ def resumed_threads(run_id: str) -> int:
     return int(raw) if raw not in (None, "", "None") else T.TORCH_DEFAULT
 
 
+STATE_KEYS = ("epoch", "model", "optimizer", "scheduler", "generator", "torch_rng", "history", "ema")
+
+
 def load_checkpoint(run_id: str) -> dict:
-    """The run's last checkpoint; refuses finished runs and runs without one."""
+    """The run's last checkpoint; refuses finished runs, runs without one, and a file that is not
+    one (truncated by a full disk, or crafted: weights_only=True refuses code)."""
     check_resumable(run_id)
-    local = mlflow.artifacts.download_artifacts(run_id=run_id,
-                                                artifact_path=f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}")
-    return torch.load(local, weights_only=True)
+    name = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name)
+    try:
+        state = torch.load(local, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - RuntimeError, UnpicklingError, EOFError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ResumeError(f"run {run_id}'s {name} is truncated or not a checkpoint "
+                          f"({type(exc).__name__}: {first[:200]})") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise ResumeError(f"run {run_id}'s {name} is not a checkpoint of this project "
+                          f"(it lacks {', '.join(missing)})")
+    return state
+
+
+def log_unlogged_epochs(run_id: str, state: dict) -> None:
+    """Metrics of the checkpoint's epochs that the run lacks: an epoch's metrics are logged after
+    its checkpoint (tracking/runs.py), so a kill between the two leaves them only here."""
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "test_accuracy")}
+    for h in state["history"]:
+        if h["epoch"] not in logged:
+            log_epoch(EpochMetrics(**h))

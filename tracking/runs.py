@@ -26,7 +26,8 @@ from mnist_mlflow.models import count_params
 from mnist_mlflow.summary import format_summary, layer_summary
 from mnist_mlflow.train import EpochMetrics, TrainResult, fit, init_model, resolve_device
 from tracking import hardware, liveness
-from tracking.checkpoints import THREADS_PARAM, load_checkpoint, log_checkpoint, resumed_threads
+from tracking.checkpoints import (THREADS_PARAM, load_checkpoint, log_checkpoint, log_unlogged_epochs,
+                                  resumed_threads)
 from tracking.provenance import git_commit, log_datasets, versions
 from tracking.run_logging import log_data_study, log_epoch, log_results, summarize, summary_text
 from tracking.signals import Interrupts
@@ -54,6 +55,7 @@ def held(run_id: str, end: RunEnd, shared: bool = False) -> Iterator[RunEnd]:
     try:
         hb = liveness.Heartbeat(run_id, shared=shared).start()
         yield end
+        clear_error(run_id)
     except (KeyboardInterrupt, StopRun) as exc:
         exc.run_id = run_id  # for the caller's "resume with" line
         end.status = "KILLED"
@@ -69,6 +71,13 @@ def held(run_id: str, end: RunEnd, shared: bool = False) -> Iterator[RunEnd]:
     finally:
         if hb is not None:
             hb.stop()  # no beat after the end
+
+
+def clear_error(run_id: str) -> None:
+    """A run that ends well carries no `error` of an earlier, failed attempt (a resumed run)."""
+    client = mlflow.MlflowClient()
+    if "error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "error")
 
 
 @contextlib.contextmanager
@@ -128,9 +137,23 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
               **{f"data.{k}_size": v for k, v in splits.sizes().items()},
               **versions(), "git_commit": git_commit(), **hardware.params()}
 
+    checkpointed = checkpoints or state is not None
+    # with checkpoints an epoch's metrics follow its checkpoint: a kill between the two loses
+    # nothing (the resume logs them from the checkpoint), where the other order logged the
+    # epoch twice (once before the kill, again when the resume trained it anew)
+    pending: list[EpochMetrics] = []
+
     def on_epoch(m: EpochMetrics) -> Optional[bool]:
-        log_epoch(m)
+        if checkpointed:
+            pending.append(m)
+        else:
+            log_epoch(m)
         return on_epoch_end(m) if on_epoch_end is not None else None  # True: stop training
+
+    def on_checkpoint(state_now: dict) -> None:
+        log_checkpoint(state_now)
+        while pending:
+            log_epoch(pending.pop(0))
 
     start = ({"run_id": resume_run_id} if resume_run_id else
              {"run_name": run_name or cfg.stage, "nested": nested, "tags": {"stage": cfg.stage, **(tags or {})}})
@@ -143,11 +166,13 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
             mlflow.log_text(format_summary(layer_summary(model)), "model_summary.txt")
             if cfg.study_data:
                 log_data_study(splits, mean, std)
+        else:
+            log_unlogged_epochs(run.info.run_id, state)
         with interrupts.deferred():
             try:
                 result = fit(C.replace(cfg, {"threads": n_threads}), splits, on_epoch_end=on_epoch,
                              progress=progress, model=model,
-                             on_checkpoint=log_checkpoint if checkpoints or state else None,
+                             on_checkpoint=on_checkpoint if checkpointed else None,
                              resume_from=state, stop_requested=interrupts)
             except KeyboardInterrupt:
                 interrupts.raise_if_set()  # as Interrupted, which says which signal it was

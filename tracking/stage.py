@@ -36,7 +36,7 @@ def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:
                 raise C.ConfigError("--resume continues a run with its own config: drop the overrides")
             check_store()  # before any other store call can hang in retries
             cfg = checkpoints.config_of_run(resume)
-            checkpoints.check_resumable(resume)  # fails now, not after loading data
+            checkpoints.load_checkpoint(resume)  # fails now (and with --check), not after loading data
         else:
             if not args.config:
                 raise C.ConfigError("an experiment file is needed, e.g. experiments/stage3.yaml")
@@ -72,6 +72,20 @@ def interrupted_line(exc: KeyboardInterrupt) -> str:
         return f"interrupted: run {run_id} is KILLED; it cannot be resumed ({why})"
     return (f"interrupted: run {run_id} is KILLED; resume it with: "
             f"python -m tracking.stage --resume {run_id}")
+
+
+def failed_line(exc: Exception) -> str:
+    """One line for a run that ended FAILED on an error of its environment (a full disk, a store
+    gone away), with the resume command when its checkpoint allows one."""
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    run_id = getattr(exc, "run_id", None)
+    if run_id is None:
+        return f"error: {reason}"
+    try:
+        checkpoints.check_resumable(run_id)
+    except Exception:  # noqa: BLE001 - ResumeError, or the store is what failed
+        return f"error: {reason}; run {run_id} is FAILED"
+    return f"error: {reason}; run {run_id} is FAILED; resume it with: python -m tracking.stage --resume {run_id}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -124,6 +138,9 @@ def run_stage(argv: list[str] | None, interrupts: Interrupts, parent: mlflow_run
     except Diverged as exc:
         print(f"error: {exc}; run {getattr(exc, 'run_id', '?')} is FAILED", file=sys.stderr)
         return 1
+    except (OSError, MlflowException, checkpoints.ResumeError) as exc:  # held() ended the run FAILED
+        print(failed_line(exc), file=sys.stderr)
+        return 2
     print(outcome.summary(cfg), end="")
     print(f"run_id: {outcome.run_id}")
     return 0

@@ -1,3 +1,4 @@
+import errno
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from mnist_mlflow import config as C
@@ -97,3 +99,108 @@ def test_a_signal_during_logging_waits_for_the_checkpoint(tracking_uri, mnist, t
     assert [s for s, _ in history(killed)] == [1]
     assert checkpoints.load_checkpoint(killed)["epoch"] == 1
     assert signal.getsignal(signal.SIGINT) == before  # handlers restored
+
+
+# ---------------------------------------------------------------- each epoch once; faults in one line
+
+SMALL = ["--epochs", "3", "--train-limit", "2000", "--test-limit", "500", "--set", "optim.batch_size=32",
+         "--set", "threads=1", "--set", "device=cpu", "--experiment", "resume", "--no-progress"]
+
+
+def steps(run_id: str) -> list[int]:
+    """Every logged step of test_accuracy, duplicates included."""
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, "test_accuracy"))
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without MLflow's log lines and its download progress bar."""
+    return [line for line in err.splitlines()
+            if line.strip() and " INFO mlflow" not in line and not line.startswith("Downloading artifacts")]
+
+
+def fail_at_epoch_2(monkeypatch, name: str, exc: BaseException):
+    """`runs.<name>` raises `exc` for epoch 2: a kill or a full disk at that point of the epoch."""
+    real = getattr(runs, name)
+
+    def faulty(arg):
+        epoch = arg["epoch"] if isinstance(arg, dict) else arg.epoch
+        if epoch == 2:
+            raise exc
+        return real(arg)
+
+    monkeypatch.setattr(runs, name, faulty)
+    return real
+
+
+@pytest.mark.parametrize("where", ["log_checkpoint", "log_epoch"])
+def test_a_run_killed_inside_an_epochs_logging_resumes_with_each_epoch_once(
+        tracking_uri, mnist, tiny_config, monkeypatch, where):
+    # log_checkpoint: killed after epoch 2's metrics were due and before its checkpoint (it used to
+    # log them, then the resume logged epoch 2 again: steps 1, 2, 2, 3); log_epoch: killed after
+    # the checkpoint, before the metrics (the resume logs them from the checkpoint's history)
+    mlflow.set_experiment("resume")
+    cfg = C.replace(tiny_config, {"optim.epochs": 3})
+    real = fail_at_epoch_2(monkeypatch, where, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        runs.run_training(cfg, mnist=mnist, progress=False, checkpoints=True)
+    monkeypatch.setattr(runs, where, real)
+    killed = only_run("KILLED")
+    runs.run_training(cfg, mnist=mnist, progress=False, resume_run_id=killed, log_model_artifact=False)
+    assert steps(killed) == [1, 2, 3]
+    logged = {m.step: m.value for m in MlflowClient().get_metric_history(killed, "test_accuracy")}
+    last = mlflow.artifacts.download_artifacts(run_id=killed, artifact_path="checkpoint/last.pt")
+    assert [logged[e] for e in (1, 2, 3)] == [h["test_accuracy"] for h in
+                                               torch.load(last, weights_only=True)["history"]]
+
+
+def test_a_full_disk_ends_the_run_failed_in_one_line_and_the_resume_clears_its_error(
+        tracking_uri, monkeypatch, capsys):
+    config = str(ROOT / "experiments/stage3.yaml")
+    real = fail_at_epoch_2(monkeypatch, "log_checkpoint", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert stage.main([config, *SMALL]) == 2
+    failed = only_run("FAILED")
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == [f"error: OSError: [Errno 28] No space left on device; run {failed} is FAILED; "
+                     f"resume it with: python -m tracking.stage --resume {failed}"]
+    assert "No space left on device" in MlflowClient().get_run(failed).data.tags["error"]
+
+    monkeypatch.setattr(runs, "log_checkpoint", real)  # space again
+    assert stage.main(["--resume", failed, "--no-progress"]) == 0
+    run = MlflowClient().get_run(failed)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags  # no stale error
+    assert steps(failed) == [1, 2, 3]
+
+
+class _Payload:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("truncated", "is truncated or not a checkpoint"),
+    ("crafted", "is truncated or not a checkpoint"),
+    ("other keys", "is not a checkpoint of this project (it lacks"),
+])
+def test_an_unloadable_checkpoint_is_one_line_exit_2_and_leaves_the_run_as_it_was(
+        tracking_uri, mnist, tiny_config, tmp_path, capsys, content, message):
+    mlflow.set_experiment("resume")
+    with pytest.raises(KeyboardInterrupt):  # a Ctrl-C during epoch 1 leaves epoch 1's checkpoint
+        runs.run_training(C.replace(tiny_config, {"optim.epochs": 3}), mnist=mnist, progress=False,
+                          checkpoints=True,
+                          on_epoch_end=lambda m: os.kill(os.getpid(), signal.SIGINT) if m.epoch == 1 else None)
+    killed = only_run("KILLED")
+    bad = tmp_path / "bad" / checkpoints.CHECKPOINT_FILE
+    bad.parent.mkdir()
+    if content == "truncated":  # as a full disk leaves it
+        good = Path(mlflow.artifacts.download_artifacts(run_id=killed, artifact_path="checkpoint/last.pt"))
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    else:
+        torch.save(_Payload() if content == "crafted" else {"epoch": 1, "model": {}}, bad)
+    MlflowClient().log_artifact(killed, str(bad), checkpoints.CHECKPOINT_DIR)
+    capsys.readouterr()
+    for extra in ([], ["--check"]):
+        assert stage.main(["--resume", killed, "--no-progress", *extra]) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and f"run {killed}'s checkpoint/last.pt" in lines[0] and message in lines[0]
+    assert MlflowClient().get_run(killed).info.status == "KILLED"
+    assert not (Path.cwd() / "pwned").exists()
