@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.backend_bases import FigureCanvasBase
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -119,6 +121,18 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_figure_path(path: str) -> None:
+    """Before any query: savefig would fail only at the end, with a traceback."""
+    kinds = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in kinds:
+        raise C.ConfigError(f"--figure={path!r} is not allowed: a file name ending in one of "
+                            f"{', '.join('.' + k for k in kinds)}")
+    if not Path(path).parent.is_dir():
+        raise C.ConfigError(f"--figure={path!r} is not allowed: its folder "
+                            f"{str(Path(path).parent)!r} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m tracking.report", __doc__)
     p.add_argument("--experiment", action="append", help=f"repeatable (default {cli.DEFAULT_EXPERIMENT})")
@@ -126,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure", default=None, help="also draw the test-accuracy curves into this PNG")
     try:
         args = p.parse_args(argv)
+        if args.figure:
+            check_figure_path(args.figure)
         cli.check_server()
     except (C.ConfigError, MlflowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -135,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     if table:
         print("\n" + summary(table))
     if args.figure and table:
-        figure(table).savefig(args.figure, dpi=110)
-        plt.close("all")
+        try:
+            figure(table).savefig(args.figure, dpi=110)
+        except OSError as exc:  # e.g. a folder without write permission
+            print(f"error: --figure={args.figure!r} cannot be written ({exc})", file=sys.stderr)
+            return 2
+        finally:
+            plt.close("all")
         print(f"figure: {args.figure}")
     return 0
 

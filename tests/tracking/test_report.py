@@ -1,4 +1,7 @@
+import re
+
 import mlflow
+import pytest
 
 from tracking import report
 
@@ -32,3 +35,17 @@ def test_report_groups_runs_by_precision_and_threads_and_draws_one_panel_each(tr
     assert png.stat().st_size > 10_000
     fig = report.figure(report.rows(["a", "b"]))
     assert [ax.get_title() for ax in fig.axes] == ["bf16, 2 thread(s): 1 of 1 held", "fp32, 1 thread(s): 1 of 2 held"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing/curves.png", "its folder .*missing' does not exist"),
+    ("curves.txt", r"a file name ending in one of .*\.png"),
+    ("curves", r"a file name ending in one of .*\.png"),
+])
+def test_a_bad_figure_path_is_one_line_exit_2_before_any_query(tracking_uri, tmp_path, capsys, name, message):
+    log_run("a", 1, "fp32", 1, [99.0, 99.5])
+    assert report.main(["--experiment", "a", "--figure", str(tmp_path / name)]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if " INFO mlflow" not in line]
+    assert captured.out == "" and len(lines) == 1 and re.search(f"^error: --figure=.*{message}", lines[0])
+    assert not (tmp_path / name).exists()
