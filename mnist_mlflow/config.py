@@ -131,6 +131,9 @@ def validate(c: RunConfig) -> None:
     _check(c.device in ("auto", "cpu", "cuda"), "device", c.device, "auto, cpu or cuda")
     _check(c.threads == "auto" or (isinstance(c.threads, int) and c.threads > 0), "threads", c.threads,
            "a positive integer or auto")
+    # numpy's legacy seeding takes 32 bits; torch.manual_seed overflows past 64
+    _check(0 <= c.seed < 2**32, "seed", c.seed, f"an integer from 0 to {2**32 - 1}")
+    _check(0 <= d.split_seed < 2**32, "data.split_seed", d.split_seed, f"an integer from 0 to {2**32 - 1}")
     for name in ("train_limit", "test_limit"):
         v = getattr(d, name)
         _check(v is None or v > 0, f"data.{name}", v, "a positive integer or null")

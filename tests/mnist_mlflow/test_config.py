@@ -35,6 +35,8 @@ def test_flatten_round_trips_through_overrides():
     ("optim.nesterov=true", "optim.nesterov=True is not allowed: true only with optim.name=sgd and "
                             "optim.momentum > 0"),  # stage 3 is Adam
     ("nonsense", "must look like section.key=value"),
+    ("seed=99999999999999999999", "seed=99999999999999999999 is not allowed: an integer from 0 to 4294967295"),
+    ("data.split_seed=-1", "data.split_seed=-1 is not allowed: an integer from 0 to 4294967295"),
 ])
 def test_bad_values_name_the_value_and_what_is_allowed(override, message):
     with pytest.raises(C.ConfigError, match=re.escape(message)):

@@ -108,6 +108,16 @@ def test_check_validates_without_creating_a_run(tracking_uri, capsys):
     assert all_runs() == []
 
 
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", "4294967296"])
+def test_a_seed_out_of_range_is_refused_by_check_before_any_run(tracking_uri, capsys, seed):
+    # 1e20 passed --check, then torch.manual_seed raised an OverflowError traceback
+    for extra in (["--check"], []):
+        assert stage.main([STAGE3, *TINY, "--seed", seed, *extra]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if " INFO mlflow" not in line]
+        assert err == [f"error: seed={seed} is not allowed: an integer from 0 to 4294967295"]
+    assert all_runs() == []
+
+
 # ---------------------------------------------------------------- the store, checked up front
 
 def test_a_silent_tracking_server_fails_within_seconds(monkeypatch, tmp_path, capsys):
