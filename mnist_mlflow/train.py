@@ -281,7 +281,7 @@ def fit(cfg: RunConfig, splits: Splits, on_epoch_end: EpochCallback | None = Non
         result.history.append(metrics)
         bar.set_postfix(train=f"{metrics.train_accuracy:.2f}", test=f"{test_acc:.2f}")
         stop = on_epoch_end is not None and on_epoch_end(metrics)
-        if on_checkpoint is not None:  # after the epoch's metrics: a checkpoint implies them logged
+        if on_checkpoint is not None:  # after on_epoch_end: a tracked run logs the metrics after it
             on_checkpoint(make_checkpoint(epoch, model, opt, sched, gen, result.history, ema))
         if stop:
             break
