@@ -33,8 +33,12 @@ def parser() -> cli.Parser:
     p.add_argument("--storage", default="", help="sqlite:///optuna.db (the file's default), "
                                                  "journal:<file>, or any SQLAlchemy URL")
     p.add_argument("--study-name", default="", help="Optuna study; same name + storage = resume")
-    cli.add(p, "--timeout", float, 0, help="seconds after which no new trial starts")
-    cli.add(p, "--workers", int, 1, help="local worker processes (default 1)")
+    cli.add(p, "--budget-minutes", float, 0, help="minutes after which no new trial starts "
+            "(default: the file's search.budget_minutes; a running trial finishes)")
+    cli.add(p, "--timeout", float, 0, help="the same in seconds (wins over --budget-minutes)")
+    cli.add(p, "--workers", int, 1, help="local worker processes (default: the file's search.workers)")
+    cli.add(p, "--enqueue-base", bool, help="a new study's first trial is the file's base recipe "
+            "(default: the file's search.enqueue_base; false: a cold start)")
     cli.add(p, "--seed", int, 0, help="sampler seed (default: the file's)")
     cli.add(p, "--max-params", int, 1, help="the hard parameter budget (default: the file's "
                                             "search.max_params, 8,000)")
@@ -50,16 +54,18 @@ def parse_args(argv: list[str] | None) -> Options:
     a = parser().parse_args(argv)
     return Options(
         config=a.config, n_trials=a.n_trials, epochs=a.epochs, storage=a.storage or None,
-        study_name=a.study_name or None, timeout=a.timeout, workers=a.workers or 1, seed=a.seed,
+        study_name=a.study_name or None, timeout=a.timeout, workers=a.workers, seed=a.seed,
         train_limit=a.train_limit, test_limit=a.test_limit, experiment=a.experiment,
         max_params=a.max_params, overrides=tuple(o for item in a.overrides for o in item.split()),
-        study_trials=a.study_trials, heartbeat=a.heartbeat)
+        study_trials=a.study_trials, heartbeat=a.heartbeat, budget_minutes=a.budget_minutes,
+        enqueue_base=a.enqueue_base)
 
 
 def print_result(r: SearchResult) -> None:
     c = r.counts
     print(f"study {r.study.study_name}: {c[N.COMPLETE]} {N.COMPLETE}, {c[N.PRUNED]} {N.PRUNED}, "
-          f"{c[N.REJECTED]} {N.REJECTED} (over budget), {c[N.FAIL]} {N.FAIL}"
+          f"{c[N.STOPPED]} {N.STOPPED} (could not come near the best), "
+          f"{c[N.REJECTED]} {N.REJECTED} (over budget, no trial used), {c[N.FAIL]} {N.FAIL}"
           + (f", {c[N.SURPLUS]} {N.SURPLUS}" if c[N.SURPLUS] else ""))
     if r.best is not None:
         held = r.best.user_attrs.get(N.VAL_HOLD_EPOCH)

@@ -33,6 +33,7 @@ CONFIG = "config"  # the flat config the trial trained
 NUM_PARAMS = "num_params"
 VAL_HOLD_EPOCH = "val_hold_epoch"
 INCUMBENT = "incumbent"  # the base config, enqueued as a new study's first trial
+EPOCHS_TRAINED = "epochs_trained"  # over all its seeds, however the trial ended
 SEED_SCORES = "seed_scores"  # {seed: objective} of every seed the trial trained (racing)
 STOPPED_ATTR = "stopped_early"  # the reason: it could no longer come near the best trial
 

@@ -206,15 +206,21 @@ class Objective:
         race = self.ctx.spec.settings.race
         reporter = HoldReporter(trial, self.ctx.spec, cfg.optim.epochs,
                                 bar=lambda: race_bar(trial.study, race["margin"]))
+        reporters = [reporter]
         try:
-            outcome = self._fit(trial, cfg, reporter, f"trial-{trial.number}",
-                                self._tags(trial, N.RUNNING))
-            scores = {str(cfg.seed): reporter.value}  # str: Optuna stores attrs as JSON
-            trial.set_user_attr(N.SEED_SCORES, scores)
-            if race["seeds"] > 1 and not _behind(reporter.value, race_bar(trial.study, race["margin"])):
-                for seed in range(cfg.seed + 1, cfg.seed + race["seeds"]):
-                    scores[str(seed)] = self._race_seed(trial, C.replace(cfg, {"seed": seed}), outcome.run_id)
-                    trial.set_user_attr(N.SEED_SCORES, scores)
+            try:
+                outcome = self._fit(trial, cfg, reporter, f"trial-{trial.number}",
+                                    self._tags(trial, N.RUNNING))
+                scores = {str(cfg.seed): reporter.value}  # str: Optuna stores attrs as JSON
+                trial.set_user_attr(N.SEED_SCORES, scores)
+                if race["seeds"] > 1 and not _behind(reporter.value, race_bar(trial.study, race["margin"])):
+                    for seed in range(cfg.seed + 1, cfg.seed + race["seeds"]):
+                        reporters.append(HoldReporter(trial, self.ctx.spec, cfg.optim.epochs, primary=False))
+                        scores[str(seed)] = self._race_seed(trial, C.replace(cfg, {"seed": seed}),
+                                                            outcome.run_id, reporters[-1])
+                        trial.set_user_attr(N.SEED_SCORES, scores)
+            finally:  # what the trial cost, however it ended: the search's epochs per hour
+                trial.set_user_attr(N.EPOCHS_TRAINED, sum(len(r.val) for r in reporters))
         except optuna.TrialPruned as exc:  # its run is KILLED already (Pruned is a StopRun)
             state = N.STOPPED if N.STOPPED_ATTR in trial.user_attrs else N.PRUNED
             self._close(trial, state, None, {"pruned_reason": str(exc)})
@@ -243,11 +249,11 @@ class Objective:
             cfg, mnist=self.ctx.mnist, nested=True, run_name=name, tags=tags, on_epoch_end=reporter,
             log_model_artifact=self.ctx.spec.settings.log_models, progress=False)
 
-    def _race_seed(self, trial: optuna.Trial, cfg: C.RunConfig, trial_run_id: str) -> float:
+    def _race_seed(self, trial: optuna.Trial, cfg: C.RunConfig, trial_run_id: str,
+                   reporter: HoldReporter) -> float:
         """One further seed of a promising trial, as a run nested under the trial's run."""
-        reporter = HoldReporter(trial, self.ctx.spec, cfg.optim.epochs, primary=False)
         tags = {N.PARENT_TAG: trial_run_id, N.STUDY_TAG: self.ctx.study_name,
-                N.RACE_TRIAL_TAG: str(trial.number), N.ROLE: N.RACE_ROLE}
+                N.RACE_TRIAL_TAG: str(trial.number), N.ROLE: N.RACE_ROLE, N.WORKER_TAG: self.ctx.worker}
         outcome = self._fit(trial, cfg, reporter, f"trial-{trial.number}-seed-{cfg.seed}", tags)
         self.client.log_metric(outcome.run_id, "objective", reporter.value)
         return reporter.value

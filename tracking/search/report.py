@@ -103,7 +103,7 @@ def log_summary(study: optuna.Study, spec: SearchSpec, run_id: str) -> Optional[
     """
     client = mlflow.MlflowClient()
     n = counts(study)
-    metrics = {N.COUNT_METRICS[s]: v for s, v in n.items()}
+    metrics = {N.COUNT_METRICS[s]: v for s, v in n.items()} | throughput(study)
     best = best_trial(study)
     if best is not None:
         if best.user_attrs[N.NUM_PARAMS] > spec.budget:  # cannot happen; never report it
@@ -121,6 +121,17 @@ def log_summary(study: optuna.Study, spec: SearchSpec, run_id: str) -> Optional[
     return best
 
 
+def throughput(study: optuna.Study) -> dict[str, float]:
+    """Epochs trained by all trials (racing seeds included), and per hour of the study's span."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    epochs = sum(t.user_attrs.get(N.EPOCHS_TRAINED, 0) for t in trials)
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    if not ends:
+        return {"epochs_trained": epochs}
+    hours = (max(ends) - min(t.datetime_start for t in trials)).total_seconds() / 3600
+    return {"epochs_trained": epochs, "epochs_per_hour": epochs / hours if hours > 0 else 0.0}
+
+
 def log_trials_table(study: optuna.Study, client: mlflow.MlflowClient, run_id: str) -> None:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -128,6 +139,8 @@ def log_trials_table(study: optuna.Study, client: mlflow.MlflowClient, run_id: s
                      "num_params": t.user_attrs.get(N.NUM_PARAMS),
                      "mlflow_run_id": t.user_attrs.get(N.RUN_ATTR),
                      "last_epoch": max(t.intermediate_values, default=None),
+                     "epochs_trained": t.user_attrs.get(N.EPOCHS_TRAINED),
+                     "seeds": len(t.user_attrs.get(N.SEED_SCORES, {})) or None,
                      **{f"params.{k}": v for k, v in t.params.items()}})
     if rows:
         import pandas as pd  # an MLflow dependency

@@ -97,8 +97,32 @@ def optimize(job: WorkerJob, mnist: Mnist | None = None) -> None:
     if job.quota is not None:
         optimize_to_quota(study, Objective(ctx), job.quota, job.timeout, poll_s=min(5, job.heartbeat))
     else:
-        study.optimize(Objective(ctx), n_trials=job.n_trials, timeout=job.timeout,
-                       catch=(Exception,), gc_after_trial=True)
+        study.optimize(Objective(ctx), timeout=job.timeout, catch=(Exception,),
+                       gc_after_trial=True, callbacks=[TrainedTrials(job.n_trials)])
+
+
+class TrainedTrials:
+    """Stops a worker after `n` trials that were not rejected: an over-budget combination is
+    refused in milliseconds and does not use up a trial. A space almost wholly over the budget
+    still ends, after max(MIN_REJECTS, REJECTS_PER_TRIAL * n) rejections."""
+
+    REJECTS_PER_TRIAL, MIN_REJECTS = 5, 10
+
+    def __init__(self, n: Optional[int]):
+        self.n, self.trained, self.rejected = n, 0, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if N.REJECTED_ATTR in trial.user_attrs:
+            self.rejected += 1
+        else:
+            self.trained += 1
+        if self.n is None:
+            return
+        too_many = self.rejected >= max(self.MIN_REJECTS, self.REJECTS_PER_TRIAL * self.n)
+        if too_many:
+            log.warning("%d trials were over the parameter budget: stopping", self.rejected)
+        if too_many or self.trained >= self.n:
+            study.stop()
 
 
 def worker_main(job: WorkerJob) -> None:

@@ -206,6 +206,7 @@ def test_a_promising_trial_is_raced_over_more_seeds_and_scored_by_their_mean(tmp
     (trial,) = result.study.trials
     scores = trial.user_attrs["seed_scores"]
     assert set(scores) == {"1", "2"} and trial.value == pytest.approx(sum(scores.values()) / 2)
+    assert trial.user_attrs["epochs_trained"] == 2  # one epoch a seed
     (run,) = child_runs(result.parent_run_id)
     assert run.data.metrics["seeds"] == 2 and run.data.metrics["objective"] == pytest.approx(trial.value)
     client = mlflow.MlflowClient()
