@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from importlib.metadata import version
 
 import mlflow
 import numpy as np
@@ -46,6 +47,14 @@ def summary_text(cfg: C.RunConfig, hold: evaluation.HoldSummary, num_params: int
             f"longest hold {hold.hold_epochs} epochs\n{reached}\n")
 
 
+def model_requirements() -> list[str]:
+    """What MLflow's inference finds for our models, pinned to this environment, without the
+    subprocess that inference starts to import the model again (half of a short run's time).
+    Not our own package: it travels as code (code_paths) and is on no package index."""
+    return [*mlflow.pytorch.get_default_pip_requirements(),  # torch, cloudpickle
+            *(f"{name}=={version(name)}" for name in ("numpy", "pandas"))]
+
+
 def log_model(model: torch.nn.Module, example: np.ndarray) -> None:
     """Pickle format with our code attached: it loads back as the real class, on any machine.
 
@@ -56,7 +65,7 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> None:
         out = model(torch.from_numpy(example)).numpy()
     mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=infer_signature(example, out),
                              input_example=example, serialization_format="pickle",
-                             code_paths=[str(PACKAGE_DIR)])
+                             code_paths=[str(PACKAGE_DIR)], pip_requirements=model_requirements())
     mlflow.set_tag(*MADE_BY)  # promotion considers only runs that carry it
 
 

@@ -55,6 +55,10 @@ def test_logged_model_loads_and_predicts_on_raw_pixels(logged_run, mnist):
     assert np.array_equal(scores.argmax(1), expected)
     assert (scores.argmax(1) == mnist.test_y[:500]).mean() > 0.8
     assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 1, 28, 28)
+    # pinned as MLflow's inference would, without our own package: on no index, it travels as code
+    reqs = open(mlflow.pyfunc.get_model_dependencies(uri)).read().split()
+    assert {r.split("==")[0] for r in reqs} == {"mlflow", "torch", "cloudpickle", "numpy", "pandas"}
+    assert all("==" in r for r in reqs)
 
 
 def _statuses():
