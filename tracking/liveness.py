@@ -17,14 +17,13 @@ live run) and by the shared search for its parent run:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import mlflow
 import psutil
@@ -95,15 +94,6 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-
-
-@contextlib.contextmanager
-def heartbeat(run_id: str, shared: bool = False) -> Iterator[Heartbeat]:
-    hb = Heartbeat(run_id, shared).start()
-    try:
-        yield hb
-    finally:
-        hb.stop()
 
 
 # ---------------------------------------------------------------- judging a run
