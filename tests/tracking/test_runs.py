@@ -169,3 +169,20 @@ def test_each_tests_store_starts_without_the_last_stores_experiment(tmp_path, mo
         assert run.info.experiment_id == "0"  # the new store's default experiment
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_each_tests_store_is_the_one_mlflow_makes_in_its_folder(tmp_path, monkeypatch):
+    made, copied = tmp_path / "made", tmp_path / "copied"  # copied: conftest's migrated store
+    made.mkdir(), copied.mkdir()
+    try:
+        monkeypatch.chdir(made)
+        fresh = MlflowClient(f"sqlite:///{made}/mlflow.db").get_experiment("0")
+        use_fresh_store(copied, monkeypatch)
+        default = MlflowClient().get_experiment("0")
+        assert default.name == fresh.name
+        assert default.artifact_location == fresh.artifact_location.replace(str(made), str(copied))
+        with mlflow.start_run() as run:
+            mlflow.log_text("x", "x.txt")
+        assert (copied / "mlruns/0" / run.info.run_id / "artifacts/x.txt").exists()
+    finally:
+        mlflow.set_tracking_uri(None)
