@@ -6,6 +6,7 @@ from benchmarks import shared_cores
 from mnist_mlflow import threads as T
 
 
+@pytest.mark.slow
 def test_every_setting_trains_quiet_and_beside_busy_processes_and_is_logged(tracking_uri, mnist, capsys):
     # tiny and gentle: the busy loops run at nice 19 and live for a few seconds only
     cells = shared_cores.main(["--threads", "1,auto", "--busy", "1", "--epochs", "1",

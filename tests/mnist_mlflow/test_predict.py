@@ -21,6 +21,8 @@ from mnist_mlflow import preprocess as PP
 from tests.conftest import ROOT, use_fresh_store
 from tracking.runs import run_training
 
+# one worker under pytest-xdist (--dist loadgroup): the module-scoped model is trained once
+pytestmark = pytest.mark.xdist_group("predict")
 N_DIGITS = 50
 
 

@@ -66,6 +66,7 @@ print(json.dumps([m.test_loss for m in train.fit(cfg, splits, progress=False).hi
 """
 
 
+@pytest.mark.slow
 def test_a_set_count_gives_the_metrics_of_torchs_default_with_that_count(mnist, tiny_config):
     # OMP_NUM_THREADS=1 is how that count was chosen before the setting existed
     from mnist_mlflow.data import make_splits

@@ -111,6 +111,7 @@ def test_weight_average_matches_averaged_models_own_update_bit_for_bit():
     assert int(ours.n_averaged) == 6
 
 
+@pytest.mark.slow
 def test_library_imports_neither_mlflow_nor_optuna():
     code = ("import importlib, pkgutil, sys, mnist_mlflow; "
             "[importlib.import_module(f'mnist_mlflow.{m.name}') for m in pkgutil.iter_modules(mnist_mlflow.__path__)]; "

@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from tests.conftest import ROOT
 from tracking import mlflow_run
 
+pytestmark = pytest.mark.slow  # each test starts a keeper process beside a stand-in
+
 
 @pytest.fixture
 def stand_in(tracking_uri, monkeypatch):

@@ -28,6 +28,9 @@ from tracking import registry
 from tracking.safe_model import MADE_BY
 from tracking.runs import RunOutcome, run_training
 
+# one worker under pytest-xdist (--dist loadgroup): the module-scoped store is trained once
+pytestmark = pytest.mark.xdist_group("promote")
+
 
 @dataclass
 class Store:

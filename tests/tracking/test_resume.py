@@ -32,6 +32,7 @@ def only_run(status: str) -> str:
     return found[0].info.run_id
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_in_the_same_run_to_the_uninterrupted_result(tracking_uri, capsys):
     # threads: auto, as users run it; the resume must reuse the count the run resolved, and an
     # uninterrupted run with that count (given explicitly) is the reference

@@ -16,6 +16,7 @@ def _statuses():
         [e.experiment_id for e in MlflowClient().search_experiments()])]
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_killed(tmp_path, tracking_uri):
     script = (
         "import os, signal, mlflow\n"

@@ -159,6 +159,7 @@ def test_an_unusable_sqlite_store_is_one_line_within_seconds(monkeypatch, tmp_pa
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_processes_starting_on_one_new_store_do_not_race_its_creation(tmp_path):
     uri = f"sqlite:///{tmp_path}/race.db"
     cmd = [sys.executable, "-m", "tracking.stage", STAGE3, *TINY, "--experiment", "race"]
