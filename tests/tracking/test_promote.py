@@ -162,6 +162,7 @@ def test_promotion_is_idempotent_and_restores_the_alias(store, mnist):
     assert str(MlflowClient().get_model_version_by_alias("again", "champion").version) == first.version
 
 
+@pytest.mark.slow
 def test_two_simultaneous_promotions_register_one_version(store):
     cmd = [sys.executable, "-m", "tracking.promote", "--model-name", "race",
            "--target", str(min(store.b_acc)), "--hold", "2", "--experiment", "main"]
@@ -355,6 +356,7 @@ P.main(["--model-name", "killed", "--target", os.environ["TARGET"], "--hold", "2
 """
 
 
+@pytest.mark.slow
 def test_a_promotion_killed_after_creating_the_version_leaves_it_tagged(store, mnist):
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "TARGET": repr(min(store.b_acc)),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
