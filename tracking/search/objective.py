@@ -149,7 +149,8 @@ def race_bar(study: optuna.Study, margin: float) -> Optional[float]:
 
 
 def _behind(score: float, bar: Optional[float]) -> bool:
-    """A first seed that scores above the bar cannot become the best: not worth more seeds."""
+    """A first seed that scores above the bar cannot become the best: not worth more seeds
+    (nor is one that never held: among those the order matters little)."""
     return bar is not None and score > bar
 
 
@@ -213,7 +214,8 @@ class Objective:
                                     self._tags(trial, N.RUNNING))
                 scores = {str(cfg.seed): reporter.value}  # str: Optuna stores attrs as JSON
                 trial.set_user_attr(N.SEED_SCORES, scores)
-                if race["seeds"] > 1 and not _behind(reporter.value, race_bar(trial.study, race["margin"])):
+                if race["seeds"] > 1 and reporter.held and not _behind(
+                        reporter.value, race_bar(trial.study, race["margin"])):
                     for seed in range(cfg.seed + 1, cfg.seed + race["seeds"]):
                         reporters.append(HoldReporter(trial, self.ctx.spec, cfg.optim.epochs, primary=False))
                         scores[str(seed)] = self._race_seed(trial, C.replace(cfg, {"seed": seed}),

@@ -134,7 +134,7 @@ def test_failures_do_not_stop_the_study_and_runs_nest_under_the_parent(tmp_path,
     (tmp_path / "stage3.yaml").write_text((ROOT / "experiments/stage3.yaml").read_text())
     best = C.flatten(C.load(best_yaml))
     trial = result.study.trials[2].user_attrs["config"]
-    recipe = [k for k in trial if not k.startswith(("data.", "target.", "stage"))]
+    recipe = [k for k in trial if not k.startswith(C.NOT_RECIPE)]  # the rest is stage 3's
     assert {k: best[k] for k in recipe} == {k: trial[k] for k in recipe}
     assert best["data.val_size"] == 0 and best["stage"] == "search-best"  # trains on all 60,000
     from tracking import stage
@@ -201,7 +201,9 @@ def test_a_trial_stops_once_it_cannot_come_within_the_race_margin_of_the_best():
 
 def test_a_promising_trial_is_raced_over_more_seeds_and_scored_by_their_mean(tmp_path, mnist, tracking_uri):
     config = write_search(tmp_path, ROTATION, race={"seeds": 2, "margin": 100.0})
-    result = run_search(options(tmp_path, config, n_trials=1), mnist=mnist)
+    # a threshold every model holds at once: only a trial whose first seed held is raced
+    easy = ("data.val_size=500", "device=cpu", "target.accuracy=1", "target.hold=1")
+    result = run_search(options(tmp_path, config, n_trials=1, overrides=easy), mnist=mnist)
 
     (trial,) = result.study.trials
     scores = trial.user_attrs["seed_scores"]
@@ -215,3 +217,11 @@ def test_a_promising_trial_is_raced_over_more_seeds_and_scored_by_their_mean(tmp
     assert seed_run.data.tags["mlflow.parentRunId"] == run.info.run_id
     assert seed_run.data.params["seed"] == "2" and seed_run.info.status == "FINISHED"
     assert seed_run.data.metrics["objective"] == pytest.approx(scores["2"])
+
+
+def test_a_trial_that_never_held_is_not_raced(tmp_path, mnist, tracking_uri):
+    config = write_search(tmp_path, ROTATION, race={"seeds": 3, "margin": 100.0})
+    result = run_search(options(tmp_path, config, n_trials=1), mnist=mnist)  # 1 epoch: no hold
+    (trial,) = result.study.trials
+    assert trial.user_attrs["val_hold_epoch"] is None and list(trial.user_attrs["seed_scores"]) == ["1"]
+    assert trial.user_attrs["epochs_trained"] == 1
