@@ -44,6 +44,7 @@ def test_bad_input_exits_2_before_any_run(tmp_path, env, capsys, extra, message)
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
+@pytest.mark.slow  # the search step is a process of its own
 def test_a_failing_step_fails_the_chain_and_stops_it(tmp_path, env, capsys):
     # the search step refuses a journal file in a folder that does not exist (its exit 2)
     code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",
