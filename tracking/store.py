@@ -4,22 +4,29 @@ MLflow's own client retries an unreachable server for minutes, waits forever on 
 accepts connections but never answers, and reports an unwritable SQLite file with a
 SQLAlchemy traceback after the data has loaded. `check_store` fails within seconds, with one
 line. A new SQLite store is created (and migrated) once, under a file lock: two processes
-migrating the same new file at once break each other (alembic's `_alembic_tmp_*` tables).
+migrating the same new file at once break each other (alembic's `_alembic_tmp_*` tables);
+against processes without the lock (plain MLflow), see `create_aside`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
+import sqlite3
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import mlflow
+import mlflow.store.db.utils
 from mlflow.exceptions import MlflowException
 
 TIMEOUT_S = 5.0  # per request; a healthy server answers /health in milliseconds
+MIGRATING_S = 10.0  # a store below MLflow's schema that changed this recently is being migrated
 
 
 class StoreError(MlflowException):
@@ -70,8 +77,43 @@ def check_sqlite(uri: str) -> None:
     with open(folder / f".{path.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         try:
-            # creates and migrates a new store; once up to date, later opens skip the migration
+            if not path.exists():
+                create_aside(path)
+            wait_for_migration(path)
+            # now at its schema: opens without migrating
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy and MLflow raise many kinds
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StoreError(f"tracking store {uri} cannot be opened: {first}") from None
+
+
+def create_aside(path: Path) -> None:
+    """A new store is created and migrated in a file of its own, then linked into place.
+
+    Our lock keeps our processes apart, but not a plain MlflowClient or `mlflow ui` opening
+    the same new file: two migrations of one file break each other ("table ... already exists",
+    "no such column"), and can leave it broken. If another process made the file first, its
+    file is the store and ours is dropped.
+    """
+    new = path.resolve().with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        mlflow.MlflowClient(f"sqlite:///{new}").search_experiments(max_results=1)
+        os.link(new, path)  # atomic, and never over an existing file
+    except FileExistsError:
+        pass
+    finally:
+        new.unlink(missing_ok=True)
+
+
+def wait_for_migration(path: Path) -> None:
+    """While another process migrates the store (below MLflow's schema, changed just now), wait:
+    migrating it too would break both."""
+    head = mlflow.store.db.utils._get_latest_schema_revision()
+    while time.time() - path.stat().st_mtime < MIGRATING_S:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as db:
+                if db.execute("select version_num from alembic_version").fetchone() == (head,):
+                    return
+        except sqlite3.Error:  # no version table yet, or locked by the migration
+            pass
+        time.sleep(0.2)
