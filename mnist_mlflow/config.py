@@ -359,6 +359,30 @@ def differences(config: RunConfig, base: RunConfig, skip: tuple[str, ...] = ()) 
     return out
 
 
+# What a derived experiment file leaves to its parent: run plumbing, the machine, the data slice
+# and the target; the rest is the recipe (best_config.yaml and recipe.yaml carry its differences).
+NOT_RECIPE = ("stage", "seed", "device", "threads", "study_data", "data.", "target.")
+# A null width means "as an earlier one" (models.py): compared by value, equal networks are equal.
+WIDTH_DEFAULTS = {"model.width_transition": "model.width1", "model.width3": "model.width2",
+                  "model.width4": "model.width2", "model.width5": "model.width2"}
+
+
+def resolved_widths(config: RunConfig) -> RunConfig:
+    flat = flatten(config)
+    return replace(config, {p: flat[src] for p, src in WIDTH_DEFAULTS.items() if flat[p] is None})
+
+
+def derived_yaml(config: RunConfig, parent_path: str | Path | None, header: str = "",
+                 stage: Optional[str] = None) -> str:
+    """An experiment file to sit next to `parent_path`: ``extends:`` it, then `stage` when given,
+    then only the recipe keys (not NOT_RECIPE) where `config` differs; `header` as comments."""
+    parent = load(parent_path) if parent_path else RunConfig()
+    body = (({EXTENDS: Path(parent_path).name} if parent_path else {}) | ({"stage": stage} if stage else {})
+            | differences(resolved_widths(config), resolved_widths(parent), skip=NOT_RECIPE))
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(body, sort_keys=False)
+
+
 def flatten(config: RunConfig) -> dict[str, Any]:
     """``{"optim.lr": 0.01, ...}``: what a run logs as params."""
     out: dict[str, Any] = {}

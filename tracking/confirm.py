@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
 import mlflow
@@ -240,7 +240,7 @@ def log_plan(plan: Plan) -> None:
 def yaml_of(cfg: C.RunConfig) -> str:
     import yaml
 
-    return yaml.safe_dump(R.nest(C.flatten(cfg)), sort_keys=False)
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
 
 
 def log_screening(screens: list[R.ScreenRun], scores: list[R.Score]) -> None:
@@ -271,7 +271,7 @@ def log_final(plan: Plan, winner: Candidate, outcomes: list[runs.RunOutcome], ro
               + data_note(cfg)
               + f"Copy it next to {STAGE3.name} (e.g. experiments/stage3-confirmed.yaml) and run\n"
                 "  python -m tracking.stage experiments/stage3-confirmed.yaml")
-    mlflow.log_text(R.recipe_yaml(cfg, STAGE3, header), RECIPE)
+    mlflow.log_text(C.derived_yaml(cfg, STAGE3, header), RECIPE)
     print(f"{stats['seeds_holding']} of {stats['seeds']} final runs held >= {cfg.target.accuracy}% "
           f"for {cfg.target.hold} epochs within {cfg.optim.epochs} epochs")
     for k, v in stats.items():

@@ -1,4 +1,4 @@
-"""What tracking.confirm decides and writes: candidate scores from validation, tables, recipe.yaml.
+"""What tracking.confirm decides and writes: candidate scores from validation, tables.
 
 Pure functions of the runs' histories and configs; no MLflow or Optuna calls here.
 """
@@ -7,17 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from mnist_mlflow import config as C
 from mnist_mlflow.evaluation import HoldSummary, hold_summary
-
-# Not part of a recipe: run plumbing, the machine, the data slice and the assignment's target.
-RECIPE_SKIP = ("stage", "seed", "device", "study_data", "threads")
-RECIPE_SKIP_PREFIXES = ("data.", "target.")
 
 
 @dataclass(frozen=True)
@@ -120,51 +112,6 @@ def csv(rows: list[dict[str, Any]]) -> str:
     import pandas as pd  # an MLflow dependency
 
     return pd.DataFrame(rows).to_csv(index=False)
-
-
-# ---------------------------------------------------------------- the recipe
-
-def recipe_changes(cfg: C.RunConfig, base: C.RunConfig) -> dict[str, Any]:
-    """The recipe keys (dotted) whose values differ from `base`'s."""
-    ours, theirs = C.flatten(cfg), C.flatten(base)
-    return {k: v for k, v in ours.items()
-            if k not in RECIPE_SKIP and not k.startswith(RECIPE_SKIP_PREFIXES) and v != theirs.get(k)}
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def recipe_yaml(cfg: C.RunConfig, base_path: Path, header: str = "") -> str:
-    """A stage file: ``extends: <base file>`` plus only the keys that differ from it."""
-    changes = recipe_changes(cfg, C.load(base_path))
-    body = yaml.safe_dump({"extends": base_path.name, **nest(changes)}, sort_keys=False)
-    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    return comment + body
-
-
-def resolve_recipe(text: str, folder: Path) -> C.RunConfig:
-    """A recipe.yaml read back: its base file with its keys on top (what `extends:` means)."""
-    raw = yaml.safe_load(text)
-    base = C.load(folder / raw.pop("extends"))
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix.rstrip(".")] = node
-
-    walk("", raw)
-    return C.replace(base, flat)
 
 
 def final_row(seed: int, precision: str, run_id: str, hold: HoldSummary,

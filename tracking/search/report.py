@@ -10,19 +10,16 @@ import logging
 import time
 import warnings
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import mlflow
 import optuna
-import yaml
 from mlflow.entities import Metric, Param
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_mlflow import config as C
 from mnist_mlflow import figures  # its import also selects the headless matplotlib backend
 from tracking.search import names as N
-from tracking.search.sampling import WIDTH_DEFAULTS
 from tracking.search.space import SearchSpec
 
 log = logging.getLogger(__name__)
@@ -67,26 +64,15 @@ def best_config(trial: FrozenTrial) -> C.RunConfig:
 
 def best_config_yaml(study: optuna.Study, trial: FrozenTrial, spec: SearchSpec) -> str:
     """An experiment file for experiments/: stage 3's, with the trial's differences."""
-    cfg = best_config(trial)
-    parent = C.load(spec.extends) if spec.extends else C.RunConfig()
     held = trial.user_attrs.get(N.VAL_HOLD_EPOCH)
-    header = (f"# Best trial of Optuna study {study.study_name!r}: trial {trial.number}, objective "
+    header = (f"Best trial of Optuna study {study.study_name!r}: trial {trial.number}, objective "
               f"{trial.value:.4f} ({objective_text(spec)}; "
               + (f"validation hold completed at epoch {held}" if held else "never held") +
               f"), {trial.user_attrs[N.NUM_PARAMS]:,} parameters.\n"
-              "# Copy it to experiments/ and train it as stage 3 does, on all 60,000 images:\n"
-              "#   python -m tracking.stage experiments/best_config.yaml\n"
-              "# or confirm it over seeds and numerics first: python -m tracking.confirm\n")
-    body = ({"extends": Path(spec.extends).name} if spec.extends else {}) | {
-        "stage": "search-best",
-        **C.differences(resolved_widths(cfg), resolved_widths(parent), skip=("data.", "stage", "target."))}
-    return header + yaml.safe_dump(body, sort_keys=False)
-
-
-def resolved_widths(cfg: C.RunConfig) -> C.RunConfig:
-    """Null widths ("as an earlier one") replaced by their values, so equal networks compare equal."""
-    flat = C.flatten(cfg)
-    return C.replace(cfg, {p: flat[src] for p, src in WIDTH_DEFAULTS.items() if flat[p] is None})
+              "Copy it to experiments/ and train it as stage 3 does, on all 60,000 images:\n"
+              "  python -m tracking.stage experiments/best_config.yaml\n"
+              "or confirm it over seeds and numerics first: python -m tracking.confirm")
+    return C.derived_yaml(best_config(trial), spec.extends, header, stage="search-best")
 
 
 def objective_text(spec: SearchSpec) -> str:

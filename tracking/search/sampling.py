@@ -31,18 +31,10 @@ def sample_params(trial: optuna.Trial, space: tuple[Param, ...], base: C.RunConf
     return params
 
 
-# A null width means "as an earlier one": the base's actual value, for the incumbent trial.
-WIDTH_DEFAULTS = {"model.width_transition": "model.width1", "model.width3": "model.width2",
-                  "model.width4": "model.width2", "model.width5": "model.width2"}
-
-
 def base_params(spec: SearchSpec) -> dict[str, Any]:
     """The base config as values of the space (clipped into ranges; a categorical that lacks
     the base's value is left to the sampler), for enqueueing it as the study's first trial."""
-    values = C.flatten(spec.base)
-    for path, source in WIDTH_DEFAULTS.items():
-        if values[path] is None:
-            values[path] = values[source]
+    values = C.flatten(C.resolved_widths(spec.base))  # the incumbent's actual widths
     out: dict[str, Any] = {}
     for p in spec.space:
         if not p.active(values):

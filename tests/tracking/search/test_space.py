@@ -127,6 +127,22 @@ def test_the_sgd_searchs_best_config_extends_stage_3_and_trains_as_it_is(tmp_pat
     assert best.data.val_size == 0  # trains on all 60,000 images
 
 
+def test_best_config_and_recipe_leave_the_same_keys_to_stage_3():
+    """One rule for both derived files: the machine, seed, data slice and target are stage 3's,
+    and an explicit width equal to its null default ("as width2") is no difference."""
+    spec = load_search(ROOT / "experiments/search.yaml")
+    stage3 = C.load(ROOT / "experiments/stage3.yaml")
+    cfg = C.replace(stage3, {"schedule.max_lr": 0.02, "seed": 7, "device": "cpu", "threads": 1,
+                             "model.width3": stage3.model.width2, "data.val_size": 5000})
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=16.2, user_attrs={
+        N.CONFIG: C.flatten(cfg), N.NUM_PARAMS: param_count_of(cfg.model)}))
+    best = yaml.safe_load(best_config_yaml(study, study.trials[0], spec))
+    assert best == {"extends": "stage3.yaml", "stage": "search-best", "schedule": {"max_lr": 0.02}}
+    assert yaml.safe_load(C.derived_yaml(cfg, ROOT / "experiments/stage3.yaml")) == {
+        "extends": "stage3.yaml", "schedule": {"max_lr": 0.02}}
+
+
 def test_the_budget_is_a_search_setting_and_binds(tmp_path):
     spec = load_search(SEARCH_YAML, max_params=5000)
     assert spec.budget == spec.base.model.max_params == 5000
