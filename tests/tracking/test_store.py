@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT
 
 # For each new store folder in turn, both processes wait for its `go` file and then open the
@@ -32,6 +34,7 @@ OPENS = {"ours": "store.check_store(f'sqlite:///{folder}/mlflow.db')",  # what e
          "plain": "mlflow.MlflowClient(f'sqlite:///{folder}/mlflow.db').search_experiments()"}
 
 
+@pytest.mark.slow
 def test_a_new_sqlite_store_opens_while_a_plain_client_creates_it_too(tmp_path):
     """Two processes migrating one new file break each other's migration (a table or index
     that "already exists", "no such column"): ours was the loser about every other time."""

@@ -1,4 +1,4 @@
-"""A shared search's workers (tracking/search/workers.py, study.RetryAndCloseRun): a dead
+"""Search workers (tracking/search/workers.py, local.py, study.RetryAndCloseRun): a dead
 worker's trial is failed, retried with its params, and its run closed."""
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def trial_runs(number: int) -> list:
         f"tags.`{N.TRIAL_NUMBER_TAG}` = '{number}'")) if exp else []
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_a_killed_local_worker_is_recovered_and_its_incumbent_trial_run_again(tmp_path, tracking_uri):
     """SIGKILL to one of --workers 2 mid-trial: its trial (the enqueued stage-3 incumbent) is
