@@ -23,13 +23,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import mlflow
 import psutil
-from mlflow.entities import Run, RunTag
 
-from tracking.shared_writes import retrying
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+# MLflow is imported in the functions that write: the keeper (tracking.mlflow_run) judges its
+# process by `pid_is_owner` and idles through the training without MLflow.
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ def owner_tags(shared: bool = False, interval_s: float = HEARTBEAT_S) -> dict[st
 
 
 def beat(run_id: str) -> None:
+    import mlflow
+
+    from tracking.shared_writes import retrying
+
     # retrying: a shared run's other owners beat too
     retrying(lambda: mlflow.MlflowClient().set_tag(run_id, HEARTBEAT, f"{time.time():.3f}"))
 
@@ -75,6 +81,11 @@ class Heartbeat:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "Heartbeat":
+        import mlflow
+        from mlflow.entities import RunTag
+
+        from tracking.shared_writes import retrying
+
         tags = [RunTag(k, v) for k, v in owner_tags(self.shared, self.interval_s).items()]
         # retrying: the other owners of a shared run may record themselves at the same moment
         retrying(lambda: mlflow.MlflowClient().log_batch(self.run_id, tags=tags))
@@ -121,7 +132,8 @@ def _float(tags: dict, key: str) -> Optional[float]:
 
 
 def pid_is_owner(pid: int, started: Optional[float]) -> bool:
-    """The pid runs and is the process that recorded itself (not a later one reusing the pid)."""
+    """The pid runs (not a zombie) and is the process that recorded itself at `started` (unix
+    seconds, at or after its start), not a later one reusing the pid."""
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:

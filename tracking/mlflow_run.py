@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from tracking.liveness import pid_is_owner
+
 # MLflow is imported in the functions that use it: the keeper runs this module and idles
 # through the training without it.
 
@@ -103,15 +105,6 @@ def start_keeper(run_id: str, pid: int) -> tuple[subprocess.Popen, int]:
     return keeper, write_fd
 
 
-def running(pid: int, started: float) -> bool:
-    """The process `pid` that started at `started` has not exited (a zombie has)."""
-    try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def restore(run_id: str, status: str) -> None:
     """Puts `status` back over `mlflow run`'s FAILED, until the store says it is there.
 
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     status = said[-1]
     deadline = time.monotonic() + WAIT_S
-    while running(int(pid), float(started)) and time.monotonic() < deadline:
+    while pid_is_owner(int(pid), float(started)) and time.monotonic() < deadline:
         time.sleep(0.2)
     restore(run_id, status)
     return 0

@@ -56,3 +56,10 @@ def test_without_a_report_the_keeper_leaves_mlflow_runs_status(stand_in):
     stand_in.wait()
     assert keeper.wait(timeout=600) == 0
     assert MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+def test_the_keeper_idles_without_mlflow():
+    """It waits through a whole training: judged by liveness's process rule, without MLflow loaded."""
+    probe = "import sys, tracking.mlflow_run; print(sorted(m for m in ('mlflow', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
