@@ -31,6 +31,10 @@ def mnist() -> Mnist:
 
 @pytest.fixture
 def tiny_config() -> C.RunConfig:
+    return tiny_run_config()
+
+
+def tiny_run_config() -> C.RunConfig:
     """Stage 3's settings on a sliver of data: seconds, not minutes."""
     # one thread: tests that compare two trainings need the same count (results depend on it),
     # and "auto" would sample the machine's load for each (tests/mnist_mlflow/test_threads.py)
@@ -56,14 +60,20 @@ def migrated_store() -> Path:
 
 def use_fresh_store(directory: Path, monkeypatch) -> str:
     """Point this process and its subprocesses at a new SQLite store in `directory`."""
-    uri = f"sqlite:///{directory}/mlflow.db"
-    monkeypatch.chdir(directory)  # artifacts of a SQLite store land in ./mlruns
+    monkeypatch.chdir(directory)
     shutil.copyfile(migrated_store(), directory / "mlflow.db")
     with sqlite3.connect(directory / "mlflow.db") as db:
         # where a new store here would put experiment 0's artifacts: ./mlruns/0, absolute
         db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
                    (os.path.abspath("mlruns/0"),))
     db.close()
+    return use_store(directory, monkeypatch)
+
+
+def use_store(directory: Path, monkeypatch) -> str:
+    """Point this process and its subprocesses at the SQLite store in `directory`."""
+    uri = f"sqlite:///{directory}/mlflow.db"
+    monkeypatch.chdir(directory)  # artifacts of a SQLite store land in ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)

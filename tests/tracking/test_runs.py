@@ -7,18 +7,34 @@ import torch
 from mlflow import MlflowClient
 
 from mnist_mlflow.models import count_params
-from tests.conftest import ROOT, use_fresh_store
+from tests.conftest import ROOT, tiny_run_config, use_fresh_store, use_store
 from tracking import runs, stage
 
+# one worker under pytest-xdist (--dist loadgroup): the module-scoped run is trained once
+pytestmark = pytest.mark.xdist_group("runs")
 EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "epoch_seconds"}
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist):
+    """One tiny tracked run in a store of its own, for the tests that only read it."""
+    root = tmp_path_factory.mktemp("logged-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # a tiny run lasts seconds
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+        use_fresh_store(root, mp)
+        mlflow.set_experiment("test")
+        outcome = runs.run_training(tiny_run_config(), mnist=mnist, progress=False)
+        mlflow.set_tracking_uri(None)
+    return root, outcome
+
+
 @pytest.fixture
-def logged_run(mnist, tiny_config, tracking_uri, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # a tiny run lasts seconds
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
-    mlflow.set_experiment("test")
-    return runs.run_training(tiny_config, mnist=mnist, progress=False)
+def logged_run(trained_run, monkeypatch):
+    root, outcome = trained_run
+    use_store(root, monkeypatch)
+    yield outcome
+    mlflow.set_tracking_uri(None)
 
 
 def test_stage_run_logs_params_metrics_figures_and_model(logged_run, tiny_config, mnist):
