@@ -4,7 +4,6 @@ moment and from whichever machine (tracking/promote.py decides which run)."""
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Optional
 
 from mlflow import MlflowClient
@@ -13,6 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from tracking.candidates import Candidate, PromotionError
 from tracking.safe_model import MADE_BY
+from tracking.shared_writes import retry
 
 
 def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
@@ -79,13 +79,9 @@ def idempotent(call, *args, attempts: int = 4):
     """A registry write that another promoter may make at the same moment (the same alias or
     tag): the two inserts race in the server's database and the loser gets an error although
     the row now exists. Writing it again updates it. A refused value is not retried."""
-    for attempt in range(attempts):
-        try:
-            return call(*args)
-        except MlflowException as exc:
-            if exc.error_code == "INVALID_PARAMETER_VALUE" or attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    return retry(lambda: call(*args), attempts=attempts, wait=lambda attempt: 0.2 * attempt,
+                 on=lambda exc: isinstance(exc, MlflowException)
+                 and exc.error_code != "INVALID_PARAMETER_VALUE")
 
 
 def register(client: MlflowClient, name: str, cand: Candidate, alias: str,

@@ -10,7 +10,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from tracking import liveness
-from tracking.shared_writes import is_unique_violation, retrying
+from tracking.shared_writes import is_unique_violation, retry, retrying
 
 
 def test_owners_recording_themselves_at_once_on_one_run_all_succeed(tracking_uri):
@@ -49,3 +49,28 @@ def test_other_store_errors_are_raised_at_once(tracking_uri):
     with pytest.raises(MlflowException) as raised:
         retrying(bad_write)
     assert len(calls) == 1 and not is_unique_violation(raised.value)
+
+
+def test_retry_repeats_only_the_errors_it_is_told_and_raises_the_last():
+    calls, waits = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise KeyError(len(calls))
+        return "done"
+
+    def wait(attempt):
+        waits.append(attempt)
+        return 0
+
+    assert retry(flaky, attempts=3, on=lambda e: isinstance(e, KeyError), wait=wait) == "done"
+    assert waits == [1, 2]
+    calls.clear()
+    with pytest.raises(KeyError):
+        retry(flaky, attempts=2, on=lambda e: isinstance(e, KeyError), wait=lambda _: 0)
+    assert len(calls) == 2
+    calls.clear()
+    with pytest.raises(KeyError):
+        retry(flaky, attempts=5, on=lambda e: isinstance(e, ValueError), wait=lambda _: 0)
+    assert len(calls) == 1

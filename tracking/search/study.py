@@ -6,7 +6,6 @@ import json
 import os
 import random
 import tempfile
-import time
 import warnings
 
 import numpy as np
@@ -19,9 +18,11 @@ from tracking.search import names as N
 from tracking.search.sampling import base_params
 from tracking.search.space import SearchSpec
 from tracking.search.trial_runs import TrialRuns
+from tracking.shared_writes import retry
 
 OBJECTIVE = "hold-epoch"  # the objective's name and version, stored with the study
 HEARTBEAT_S, MAX_RETRY = 60, 2  # RDB storage: a trial silent for 3 heartbeats is stale
+RACED_CREATING_TABLES = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)  # retried
 
 
 class RetryAndCloseRun:
@@ -76,19 +77,18 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
             return optuna.storages.journal.JournalStorage(backend)  # replays the file
         except (ValueError, KeyError, TypeError) as exc:  # JSON, but not Optuna's entries
             raise corrupt_journal(url, f"{type(exc).__name__}: {exc}") from None
-    for attempt in range(1, 4):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
-                return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-                    heartbeat_stale_trial_callback=RetryAndCloseRun(MAX_RETRY, 3 * heartbeat_s))
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            # Workers starting at once on an empty database race to create Optuna's tables;
-            # the loser finds them made on its next try.
-            if attempt == 3:
-                raise
-            time.sleep(random.uniform(0.5, 1.5))
+
+    def rdb() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=RetryAndCloseRun(MAX_RETRY, 3 * heartbeat_s))
+
+    # Workers starting at once on an empty database race to create Optuna's tables; the loser
+    # finds them made on its next try.
+    return retry(rdb, attempts=3, wait=lambda _: random.uniform(0.5, 1.5),
+                 on=lambda exc: isinstance(exc, RACED_CREATING_TABLES))
 
 
 def check_journal(url: str, path: str) -> None:
