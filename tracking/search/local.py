@@ -64,10 +64,10 @@ def run_processes(jobs: list[WorkerJob]) -> None:
                     failed.append(f"{p.name} (exit {p.exitcode})")
                     continue
                 lost[slot] = lost.get(slot, 0) + 1
-                replacement = recover(job, p, give_up=lost[slot] > MAX_RETRY)
+                replacement, settled = recover(job, p, give_up=lost[slot] > MAX_RETRY)
                 if replacement is not None:
                     start(slot, replacement)
-                else:
+                elif not settled:
                     failed.append(f"{p.name} (killed by {signal_name(-p.exitcode)})")
     finally:
         procs = [p for _, _, p in running.values()]
@@ -90,9 +90,12 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def recover(job: WorkerJob, p: multiprocessing.Process, give_up: bool) -> Optional[WorkerJob]:
-    """After worker `p` died by a signal: its trial failed and queued again (by heartbeat), and
-    the job that runs the rest of its share, unless `give_up` or there is none left."""
+def recover(job: WorkerJob, p: multiprocessing.Process,
+            give_up: bool) -> tuple[Optional[WorkerJob], bool]:
+    """After worker `p` died by a signal: its trial failed and queued again (by heartbeat).
+
+    Returns the job that runs the rest of its share (None if `give_up` or none is left), and
+    whether that accounts for all of it (False: a part is given up, for a later invocation)."""
     storage = open_storage(job.storage, job.heartbeat)
     study = optuna.load_study(study_name=job.study_name, storage=storage)
     name = f"{socket.gethostname()}:{p.pid}"  # workers.worker_name() in that process
@@ -106,17 +109,20 @@ def recover(job: WorkerJob, p: multiprocessing.Process, give_up: bool) -> Option
     if job.storage.startswith("journal:"):  # study.open_storage: heartbeats in databases only
         say(f"warning: {what}; its trials {stranded} stay RUNNING: journal storage has no "
             "heartbeat to fail them (use sqlite:/// storage for --workers)")
-        return None
+        return None, False
     grace = 3 * job.heartbeat
     if stranded:
         say(f"warning: {what}; its trial {', '.join(map(str, stranded))} is failed and queued "
             f"again once its heartbeat is {grace} s old")
         wait_until_failed(study, stranded, deadline=time.monotonic() + grace + 2 * job.heartbeat + 10)
     left = None if job.n_trials is None else job.n_trials - done
-    if give_up or left == 0:
-        return None
+    if left == 0:
+        return None, True
+    if give_up:
+        return None, False
     say(f"{p.name}: a new process runs its remaining {left} trial(s)")
-    return dataclasses.replace(job, n_trials=left, sampler_seed=sampler_seed(job.sampler_seed, done, p.pid))
+    job = dataclasses.replace(job, n_trials=left, sampler_seed=sampler_seed(job.sampler_seed, done, p.pid))
+    return job, True
 
 
 def wait_until_failed(study: optuna.Study, numbers: list[int], deadline: float) -> None:
