@@ -42,6 +42,7 @@ from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
 from tracking import cli, consistency, runs
+from tracking.report import markdown
 from tracking.signals import sigterm_as_interrupt
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
@@ -248,7 +249,7 @@ def log_screening(screens: list[R.ScreenRun], scores: list[R.Score]) -> None:
         mlflow.log_metrics({f"screen.{s.candidate}.{k}": v for k, v in {**s.metrics(), "rank": i}.items()})
     rows = [s.row() for s in screens]
     mlflow.log_text(R.csv(rows), "screening.csv")
-    mlflow.log_text(R.markdown(rows), "screening.md")
+    mlflow.log_text(markdown(rows), "screening.md")
     mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "screening.json")
 
 
@@ -257,7 +258,7 @@ def log_final(plan: Plan, winner: Candidate, outcomes: list[runs.RunOutcome], ro
     stats = consistency.summarize(outcomes, cfg)
     mlflow.log_metrics({f"final.{k}": v for k, v in stats.items()})
     mlflow.log_text(R.csv(rows), "final.csv")
-    mlflow.log_text(R.markdown(rows), "final.md")
+    mlflow.log_text(markdown(rows), "final.md")
     labels = [f"{r['seed']} {r['precision']}" for r in rows]
     histories = [[h.test_accuracy for h in o.result.history] for o in outcomes]
     mlflow.log_figure(consistency.seed_figure(labels, histories, cfg.target.accuracy), "figures/seeds.png")

@@ -88,28 +88,8 @@ def rank(candidates: list[str], screens: list[ScreenRun]) -> list[Score]:
 
 # ---------------------------------------------------------------- tables
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.2f}"
-    return str(v)
-
-
 def csv(rows: list[dict[str, Any]]) -> str:
-    import pandas as pd  # an MLflow dependency
+    import pandas as pd  # slow to import; only these tables need it
 
     return pd.DataFrame(rows).to_csv(index=False)
 

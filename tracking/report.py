@@ -10,6 +10,7 @@ precision and thread count. This is how the README's results tables and figure a
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -111,14 +112,24 @@ def figure(table: list[dict], target: float = 99.4) -> plt.Figure:
     return fig
 
 
-def markdown(table: list[dict]) -> str:
-    # by hand: pandas' DataFrame.to_markdown needs `tabulate`, not a dependency, for these 4 lines
+def markdown(table: list[dict], skip: tuple[str, ...] = ("curve",)) -> str:
+    """The rows as a markdown table (the first row's keys less `skip`); "" for no rows."""
+    # by hand: pandas' DataFrame.to_markdown needs `tabulate`, not a dependency, for these lines
     if not table:
-        return "(no finished runs)"
-    head = [h for h in table[0] if h != "curve"]
+        return ""
+    head = [h for h in table[0] if h not in skip]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in table]
+    lines += ["| " + " | ".join(cell(r[h]) for h in head) + " |" for r in table]
     return "\n".join(lines)
+
+
+def cell(v: object) -> str:
+    """Empty for no value (None, nan), yes/no for a flag, two decimals for a float."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def check_figure_path(path: str) -> None:
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = rows(args.experiment or [cli.DEFAULT_EXPERIMENT], args.stage)
-    print(markdown(table))
+    print(markdown(table) or "(no finished runs)")
     if table:
         print("\n" + summary(table))
     if args.figure and table:
