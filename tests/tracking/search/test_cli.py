@@ -48,8 +48,9 @@ def test_empty_cli_values_mean_unset():
 def test_mlproject_search_entry_passes_every_parameter():
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
     params = entry["parameters"]
-    assert set(params) == {"config", "n_trials", "epochs", "storage", "study_name", "timeout", "workers",
-                           "seed", "train_limit", "test_limit", "max_params", "set"}
+    assert set(params) == {"config", "n_trials", "epochs", "storage", "study_name", "budget_minutes",
+                           "timeout", "workers", "enqueue_base", "seed", "train_limit", "test_limit",
+                           "max_params", "set"}
     argv = shlex.split(entry["command"].format(**{k: shlex.quote(v["default"])
                                                   for k, v in params.items()}))
     assert argv[:3] == ["python", "-m", "tracking.search"]
