@@ -121,56 +121,57 @@ RETIRED = {("model.arch", "lean"): "LeanNet", ("model.dropout_mask", "words16"):
 
 # ---------------------------------------------------------------- validation
 
-def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+def require(ok: bool, path: str, value: Any, allowed: str) -> None:
+    """The one form of a refused value: ``path=value is not allowed: allowed`` (also the search file's)."""
     if not ok:
         raise ConfigError(f"{path}={value!r} is not allowed: {allowed}")
 
 
 def validate(c: RunConfig) -> None:
     d, m, a, o, s, t = c.data, c.model, c.augment, c.optim, c.schedule, c.target
-    _check(c.device in ("auto", "cpu", "cuda"), "device", c.device, "auto, cpu or cuda")
-    _check(c.threads == "auto" or (isinstance(c.threads, int) and c.threads > 0), "threads", c.threads,
-           "a positive integer or auto")
+    require(c.device in ("auto", "cpu", "cuda"), "device", c.device, "auto, cpu or cuda")
+    require(c.threads == "auto" or (isinstance(c.threads, int) and c.threads > 0), "threads", c.threads,
+            "a positive integer or auto")
     # numpy's legacy seeding takes 32 bits; torch.manual_seed overflows past 64
-    _check(0 <= c.seed < 2**32, "seed", c.seed, f"an integer from 0 to {2**32 - 1}")
-    _check(0 <= d.split_seed < 2**32, "data.split_seed", d.split_seed, f"an integer from 0 to {2**32 - 1}")
+    require(0 <= c.seed < 2**32, "seed", c.seed, f"an integer from 0 to {2**32 - 1}")
+    require(0 <= d.split_seed < 2**32, "data.split_seed", d.split_seed, f"an integer from 0 to {2**32 - 1}")
     for name in ("train_limit", "test_limit"):
         v = getattr(d, name)
-        _check(v is None or v > 0, f"data.{name}", v, "a positive integer or null")
-    _check(0 <= d.val_size < 60000, "data.val_size", d.val_size, "0 <= val_size < 60000")
+        require(v is None or v > 0, f"data.{name}", v, "a positive integer or null")
+    require(0 <= d.val_size < 60000, "data.val_size", d.val_size, "0 <= val_size < 60000")
     for name in WIDTHS:
         v = getattr(m, name)
-        _check(v is None or v > 0, f"model.{name}", v, "a positive integer" +
-               ("" if name in ("width1", "width2") else " or null"))
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "0 <= dropout < 1")
-    _check(m.max_params is None or m.max_params > 0, "model.max_params", m.max_params,
-           "a positive integer or null")
-    _check(0.0 <= a.rotation_degrees <= 180.0, "augment.rotation_degrees", a.rotation_degrees,
-           "0 <= degrees <= 180")
-    _check(0.0 <= a.thickness_prob <= 1.0, "augment.thickness_prob", a.thickness_prob,
-           "a probability in [0, 1]")
-    _check(0.0 <= a.translate_px <= 14.0, "augment.translate_px", a.translate_px, "0 <= translate_px <= 14")
-    _check(o.lr > 0, "optim.lr", o.lr, "lr > 0")
-    _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
-    _check(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov", o.nesterov,
-           "true only with optim.name=sgd and optim.momentum > 0")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "weight_decay >= 0")
-    _check(o.batch_size > 0, "optim.batch_size", o.batch_size, "batch_size > 0")
-    _check(o.epochs > 0, "optim.epochs", o.epochs, "epochs > 0")
-    _check(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", o.label_smoothing,
-           "0 <= label_smoothing < 1")
-    _check(o.ema_decay is None or 0.0 < o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay,
-           "null or 0 < ema_decay < 1")
-    _check(s.max_lr > 0, "schedule.max_lr", s.max_lr, "max_lr > 0")
-    _check(0.0 < s.pct_start < 1.0, "schedule.pct_start", s.pct_start, "0 < pct_start < 1")
-    _check(s.div_factor >= 1.0, "schedule.div_factor", s.div_factor, "div_factor >= 1")
-    _check(s.final_div_factor >= 1.0, "schedule.final_div_factor", s.final_div_factor,
-           "final_div_factor >= 1")
-    _check(s.step_size > 0, "schedule.step_size", s.step_size, "step_size > 0")
-    _check(0.0 < s.gamma <= 1.0, "schedule.gamma", s.gamma, "0 < gamma <= 1")
-    _check(0.0 <= s.min_lr, "schedule.min_lr", s.min_lr, "min_lr >= 0")
-    _check(0.0 < t.accuracy <= 100.0, "target.accuracy", t.accuracy, "0 < accuracy <= 100")
-    _check(t.hold > 0, "target.hold", t.hold, "hold > 0")
+        require(v is None or v > 0, f"model.{name}", v, "a positive integer" +
+                ("" if name in ("width1", "width2") else " or null"))
+    require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "0 <= dropout < 1")
+    require(m.max_params is None or m.max_params > 0, "model.max_params", m.max_params,
+            "a positive integer or null")
+    require(0.0 <= a.rotation_degrees <= 180.0, "augment.rotation_degrees", a.rotation_degrees,
+            "0 <= degrees <= 180")
+    require(0.0 <= a.thickness_prob <= 1.0, "augment.thickness_prob", a.thickness_prob,
+            "a probability in [0, 1]")
+    require(0.0 <= a.translate_px <= 14.0, "augment.translate_px", a.translate_px, "0 <= translate_px <= 14")
+    require(o.lr > 0, "optim.lr", o.lr, "lr > 0")
+    require(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
+    require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov", o.nesterov,
+            "true only with optim.name=sgd and optim.momentum > 0")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "weight_decay >= 0")
+    require(o.batch_size > 0, "optim.batch_size", o.batch_size, "batch_size > 0")
+    require(o.epochs > 0, "optim.epochs", o.epochs, "epochs > 0")
+    require(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", o.label_smoothing,
+            "0 <= label_smoothing < 1")
+    require(o.ema_decay is None or 0.0 < o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay,
+            "null or 0 < ema_decay < 1")
+    require(s.max_lr > 0, "schedule.max_lr", s.max_lr, "max_lr > 0")
+    require(0.0 < s.pct_start < 1.0, "schedule.pct_start", s.pct_start, "0 < pct_start < 1")
+    require(s.div_factor >= 1.0, "schedule.div_factor", s.div_factor, "div_factor >= 1")
+    require(s.final_div_factor >= 1.0, "schedule.final_div_factor", s.final_div_factor,
+            "final_div_factor >= 1")
+    require(s.step_size > 0, "schedule.step_size", s.step_size, "step_size > 0")
+    require(0.0 < s.gamma <= 1.0, "schedule.gamma", s.gamma, "0 < gamma <= 1")
+    require(0.0 <= s.min_lr, "schedule.min_lr", s.min_lr, "min_lr >= 0")
+    require(0.0 < t.accuracy <= 100.0, "target.accuracy", t.accuracy, "0 < accuracy <= 100")
+    require(t.hold > 0, "target.hold", t.hold, "hold > 0")
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -188,28 +189,28 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
                 return _coerce(path, value, option)
             except ConfigError as exc:
                 allowed.append(str(exc).split("is not allowed: ", 1)[-1])
-        _check(False, path, value, " or ".join(allowed))
+        require(False, path, value, " or ".join(allowed))
     if origin is Literal:
         choices = typing.get_args(annotation)
         allowed = "one of " + ", ".join(map(str, choices))
         if (path, value) in RETIRED:
             allowed += (f"; {value} ({RETIRED[path, value]}) was retired and is kept in git tag "
                         f"{RETIRED_TAG} (commit {RETIRED_COMMIT})")
-        _check(value in choices, path, value, allowed)
+        require(value in choices, path, value, allowed)
         return value
     if annotation is bool:
-        _check(isinstance(value, bool), path, value, "true or false")
+        require(isinstance(value, bool), path, value, "true or false")
         return value
     if annotation is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, path, value, "a number")
-        _check(math.isfinite(value), path, value, "a finite number")  # .inf/.nan train to NaN
+        require(ok, path, value, "a number")
+        require(math.isfinite(value), path, value, "a finite number")  # .inf/.nan train to NaN
         return float(value)
     if annotation is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), path, value, "an integer")
+        require(isinstance(value, int) and not isinstance(value, bool), path, value, "an integer")
         return value
     if annotation is str:
-        _check(isinstance(value, str), path, value, "a string")
+        require(isinstance(value, str), path, value, "a string")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} at {path}")
 

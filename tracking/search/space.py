@@ -18,7 +18,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from mnist_mlflow import config as C
-from mnist_mlflow.config import ConfigError
+from mnist_mlflow.config import ConfigError, require
 
 # Paths a search must not vary, and why: trials are only comparable when these are equal.
 FIXED_PATHS = {
@@ -157,32 +157,32 @@ def parse_settings(raw: dict[str, Any]) -> Settings:
         raise ConfigError(f"unknown key 'search.{unknown[0]}'; allowed: "
                           f"{', '.join(sorted(fields))}")
     s = Settings(**{**dataclasses.asdict(Settings()), **raw})
-    _need(isinstance(s.n_trials, int) and s.n_trials > 0, "search.n_trials", s.n_trials,
-          "an integer > 0")
-    _need(isinstance(s.max_params, int) and not isinstance(s.max_params, bool) and s.max_params > 0,
-          "search.max_params", s.max_params, "an integer > 0")
+    require(isinstance(s.n_trials, int) and s.n_trials > 0, "search.n_trials", s.n_trials,
+            "an integer > 0")
+    require(isinstance(s.max_params, int) and not isinstance(s.max_params, bool) and s.max_params > 0,
+            "search.max_params", s.max_params, "an integer > 0")
     margin = s.val_margin
-    _need(isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin)
-          and abs(margin) < 5, "search.val_margin", margin, "a number of percentage points, -5..5")
-    _need(isinstance(s.fixed, (list, tuple)) and all(isinstance(f, str) for f in s.fixed),
-          "search.fixed", s.fixed, "a list of config paths")
+    require(isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin)
+            and abs(margin) < 5, "search.val_margin", margin, "a number of percentage points, -5..5")
+    require(isinstance(s.fixed, (list, tuple)) and all(isinstance(f, str) for f in s.fixed),
+            "search.fixed", s.fixed, "a list of config paths")
     s = dataclasses.replace(s, val_margin=float(margin), fixed=tuple(s.fixed))
-    _need(isinstance(s.log_models, bool), "search.log_models", s.log_models, "true or false")
-    _need(isinstance(s.enqueue_base, bool), "search.enqueue_base", s.enqueue_base, "true or false")
-    _need(isinstance(s.sampler, dict) and set(s.sampler) <= {"seed", "n_startup_trials"},
-          "search.sampler", s.sampler, "a mapping with seed and/or n_startup_trials")
-    _need(s.budget_minutes is None or (isinstance(s.budget_minutes, (int, float))
-          and not isinstance(s.budget_minutes, bool) and 0 < s.budget_minutes < math.inf),
-          "search.budget_minutes", s.budget_minutes, "a number of minutes > 0, or null")
-    _need(isinstance(s.workers, int) and not isinstance(s.workers, bool) and s.workers >= 1,
-          "search.workers", s.workers, "an integer >= 1")
+    require(isinstance(s.log_models, bool), "search.log_models", s.log_models, "true or false")
+    require(isinstance(s.enqueue_base, bool), "search.enqueue_base", s.enqueue_base, "true or false")
+    require(isinstance(s.sampler, dict) and set(s.sampler) <= {"seed", "n_startup_trials"},
+            "search.sampler", s.sampler, "a mapping with seed and/or n_startup_trials")
+    require(s.budget_minutes is None or (isinstance(s.budget_minutes, (int, float))
+            and not isinstance(s.budget_minutes, bool) and 0 < s.budget_minutes < math.inf),
+            "search.budget_minutes", s.budget_minutes, "a number of minutes > 0, or null")
+    require(isinstance(s.workers, int) and not isinstance(s.workers, bool) and s.workers >= 1,
+            "search.workers", s.workers, "an integer >= 1")
     race = {"seeds": 1, "margin": 0.0, **(s.race if isinstance(s.race, dict) else {"?": s.race})}
-    _need(set(race) == {"seeds", "margin"}, "search.race", s.race, "a mapping with seeds and/or margin")
-    _need(isinstance(race["seeds"], int) and not isinstance(race["seeds"], bool) and 1 <= race["seeds"] <= 20,
-          "search.race.seeds", race["seeds"], "an integer 1..20")
-    _need(isinstance(race["margin"], (int, float)) and not isinstance(race["margin"], bool)
-          and 0 <= race["margin"] < math.inf, "search.race.margin", race["margin"],
-          "a number >= 0 (objective units: epochs)")
+    require(set(race) == {"seeds", "margin"}, "search.race", s.race, "a mapping with seeds and/or margin")
+    require(isinstance(race["seeds"], int) and not isinstance(race["seeds"], bool)
+            and 1 <= race["seeds"] <= 20, "search.race.seeds", race["seeds"], "an integer 1..20")
+    require(isinstance(race["margin"], (int, float)) and not isinstance(race["margin"], bool)
+            and 0 <= race["margin"] < math.inf, "search.race.margin", race["margin"],
+            "a number >= 0 (objective units: epochs)")
     s = dataclasses.replace(s, race=race)
     make_pruner(s.pruner)  # fails here, not in the first trial
     return s
@@ -220,14 +220,9 @@ def _did_you_mean(path: str, known: dict[str, Any]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _need(ok: bool, where: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{where}={value!r} is not allowed: {allowed}")
-
-
 def _distribution(path: str, spec: dict[str, Any]):
     kind = spec.pop("type", None)
-    _need(kind in KINDS, f"space.{path}.type", kind, " | ".join(KINDS))
+    require(kind in KINDS, f"space.{path}.type", kind, " | ".join(KINDS))
     allowed = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
                "categorical": {"choices"}}[kind]
     extra = sorted(set(spec) - allowed)
@@ -236,17 +231,17 @@ def _distribution(path: str, spec: dict[str, Any]):
                           f"allowed: {', '.join(sorted(allowed | {'type', 'when'}))}")
     if kind == "categorical":
         choices = spec.get("choices")
-        _need(isinstance(choices, list) and len(choices) > 0, f"space.{path}.choices", choices,
-              "a non-empty list")
+        require(isinstance(choices, list) and len(choices) > 0, f"space.{path}.choices", choices,
+                "a non-empty list")
         return CategoricalDistribution(choices)
     number = (int,) if kind == "int" else (int, float)
     for key in ("low", "high"):
         v = spec.get(key)
-        _need(isinstance(v, number) and not isinstance(v, bool), f"space.{path}.{key}", v,
-              f"{'an integer' if kind == 'int' else 'a number'} (YAML reads 1e-3 as text: "
-              "write 1.0e-3)")
-    _need(isinstance(spec.get("log", False), bool), f"space.{path}.log", spec.get("log"),
-          "true or false")
+        require(isinstance(v, number) and not isinstance(v, bool), f"space.{path}.{key}", v,
+                f"{'an integer' if kind == 'int' else 'a number'} (YAML reads 1e-3 as text: "
+                "write 1.0e-3)")
+    require(isinstance(spec.get("log", False), bool), f"space.{path}.log", spec.get("log"),
+            "true or false")
     cls = IntDistribution if kind == "int" else FloatDistribution
     try:
         return cls(spec["low"], spec["high"], **{k: spec[k] for k in ("log", "step") if k in spec})
