@@ -120,7 +120,7 @@ def param_int(run: Run, key: str) -> Optional[int]:
         raise PromotionError(f"run {run.info.run_id}: param {key}={raw!r} is not an integer") from None
 
 
-def judge(client: MlflowClient, cand: Candidate, crit: Criteria) -> Candidate:
+def qualify(client: MlflowClient, cand: Candidate, crit: Criteria) -> Candidate:
     """Fills `reason` (cheapest checks first) and, for a qualifying run, the verified model.
     Nothing from the store is executed: see tracking/safe_model.py."""
     h = cand.hold
@@ -156,7 +156,7 @@ def select_run(client: MlflowClient, exp_ids: list[str], crit: Criteria,
         history = accuracy_history(client, run.info.run_id)
         if not history:
             continue  # not a training run (a search parent, a benchmark without test metric)
-        cand = judge(client, Candidate(run, hold_summary(history, crit.target, crit.hold),
+        cand = qualify(client, Candidate(run, hold_summary(history, crit.target, crit.hold),
                                        history[-1]), crit)
         if not cand.reason:
             return cand, rejected

@@ -62,7 +62,7 @@ class ConfirmError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Candidate:
+class ScreenedRecipe:
     name: str  # "trial-12" or "base"
     config: C.RunConfig
     trial: Optional[int] = None
@@ -70,9 +70,9 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ConfirmPlan:
     spec: SearchSpec
-    candidates: tuple[Candidate, ...]
+    candidates: tuple[ScreenedRecipe, ...]
     seeds: tuple[int, ...]
     precisions: tuple[str, ...]
     threads: tuple[int, ...]
@@ -111,7 +111,7 @@ def trial_config(trial: optuna.trial.FrozenTrial, fixed: dict) -> C.RunConfig:
         raise ConfirmError(f"trial {trial.number}'s config does not fit this code: {exc}") from exc
 
 
-def dedupe(candidates: list[Candidate]) -> list[Candidate]:
+def dedupe(candidates: list[ScreenedRecipe]) -> list[ScreenedRecipe]:
     seen, out = set(), []
     for c in candidates:
         key = tuple(sorted((k, repr(v)) for k, v in C.flatten(c.config).items() if k not in SCREEN_VARIES))
@@ -122,15 +122,15 @@ def dedupe(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def load_candidates(spec: SearchSpec, storage: str, study_name: str, top: int,
-                    overrides: dict) -> list[Candidate]:
+                    overrides: dict) -> list[ScreenedRecipe]:
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
         raise ConfirmError(f"no study {study_name!r} in storage {redact(storage)!r}") from None
     fixed = fixed_values(spec, overrides)
-    found = [Candidate(f"trial-{t.number}", trial_config(t, fixed), t.number, t.value)
+    found = [ScreenedRecipe(f"trial-{t.number}", trial_config(t, fixed), t.number, t.value)
              for t in top_trials(study, top)]
-    base = Candidate("base", C.replace(spec.base, {**fixed, "stage": "confirm"}))
+    base = ScreenedRecipe("base", C.replace(spec.base, {**fixed, "stage": "confirm"}))
     return dedupe(found + [base])
 
 
@@ -166,7 +166,7 @@ def train(cfg: C.RunConfig, mnist: Mnist, threads: int, name: str, tags: dict[st
 
 # ---------------------------------------------------------------- the steps
 
-def screen(plan: Plan, mnist: Mnist) -> list[R.ScreenRun]:
+def screen(plan: ConfirmPlan, mnist: Mnist) -> list[R.ScreenRun]:
     target = plan.spec.base.target
     out = []
     for cand in plan.candidates:
@@ -188,7 +188,8 @@ def screen(plan: Plan, mnist: Mnist) -> list[R.ScreenRun]:
     return out
 
 
-def final(plan: Plan, winner: Candidate, mnist: Mnist) -> tuple[list[runs.RunOutcome], list[dict]]:
+def final(plan: ConfirmPlan, winner: ScreenedRecipe,
+          mnist: Mnist) -> tuple[list[runs.RunOutcome], list[dict]]:
     threads = torch.get_num_threads()
     cfg0 = C.replace(winner.config, {"data.val_size": 0})  # all 60,000 training images
     outcomes, rows = [], []
@@ -205,7 +206,7 @@ def final(plan: Plan, winner: Candidate, mnist: Mnist) -> tuple[list[runs.RunOut
     return outcomes, rows
 
 
-def run_confirm(plan: Plan, mnist: Mnist) -> str:
+def run_confirm(plan: ConfirmPlan, mnist: Mnist) -> str:
     """Everything under one parent run (the active one under `mlflow run`); returns its id."""
     with runs.tracked_run(run_name="confirm", tags={"stage": "confirm", "confirm_role": "parent",
                                                     N.STUDY_TAG: plan.study_name}) as parent:
@@ -223,7 +224,7 @@ def run_confirm(plan: Plan, mnist: Mnist) -> str:
     return parent.info.run_id
 
 
-def log_plan(plan: Plan) -> None:
+def log_plan(plan: ConfirmPlan) -> None:
     # Prefixed: under `mlflow run` this run already holds the entry point's raw parameters.
     mlflow.log_params({
         "confirm.config": plan.spec.source, "confirm.study_name": plan.study_name,
@@ -253,9 +254,10 @@ def log_screening(screens: list[R.ScreenRun], scores: list[R.Score]) -> None:
     mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "screening.json")
 
 
-def log_final(plan: Plan, winner: Candidate, outcomes: list[runs.RunOutcome], rows: list[dict]) -> None:
+def log_final(plan: ConfirmPlan, winner: ScreenedRecipe, outcomes: list[runs.RunOutcome],
+              rows: list[dict]) -> None:
     cfg = winner.config
-    stats = consistency.summarize(outcomes, cfg)
+    stats = consistency.seed_stats(outcomes, cfg)
     mlflow.log_metrics({f"final.{k}": v for k, v in stats.items()})
     mlflow.log_text(R.csv(rows), "final.csv")
     mlflow.log_text(markdown(rows), "final.md")
@@ -289,7 +291,7 @@ def data_note(cfg: C.RunConfig) -> str:
 
 # ---------------------------------------------------------------- CLI
 
-def make_plan(args: argparse.Namespace) -> Plan:
+def make_plan(args: argparse.Namespace) -> ConfirmPlan:
     """Every check that needs no run: arguments, search file, study, configs, budget."""
     overrides = cli.overrides(args, CONFIG_FLAGS)
     precisions = cli.choice_list("precisions", args.precisions, PRECISIONS)
@@ -301,7 +303,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     candidates = load_candidates(spec, storage, study_name, args.top, overrides)
     for c in candidates:
         build_model(c.config.model)  # BudgetError: over budget, nothing trains
-    return Plan(spec, tuple(candidates), tuple(range(1, args.seeds + 1)), precisions, threads,
+    return ConfirmPlan(spec, tuple(candidates), tuple(range(1, args.seeds + 1)), precisions, threads,
                 tuple(range(1, args.final_seeds + 1)), final_precisions,
                 spec.base.target.accuracy + getattr(s, "val_margin", 0.0), study_name, storage)
 

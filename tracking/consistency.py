@@ -32,7 +32,8 @@ def seed_figure(seeds: list[int], histories: list[list[float]], target: float) -
     return fig
 
 
-def summarize(outcomes: list[runs.RunOutcome], cfg: C.RunConfig) -> dict[str, float]:
+def seed_stats(outcomes: list[runs.RunOutcome], cfg: C.RunConfig) -> dict[str, float]:
+    """Over the seeds' runs: how many held, and final and best test accuracy (mean, sd, min)."""
     final = np.array([o.result.history[-1].test_accuracy for o in outcomes])
     best = np.array([o.hold.best_accuracy for o in outcomes])
     reached = [o.hold.target_reached_epoch for o in outcomes if o.hold.target_reached_epoch]
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.append(runs.run_training(seed_cfg, mnist=mnist, nested=True, run_name=f"seed-{seed}"))
             line = outcomes[-1].summary(seed_cfg).splitlines()
             print(f"seed {seed}: {line[1]}; {line[2]}", flush=True)
-        stats = summarize(outcomes, cfg)
+        stats = seed_stats(outcomes, cfg)
         mlflow.log_metrics(stats)
         histories = [[h.test_accuracy for h in o.result.history] for o in outcomes]
         mlflow.log_figure(seed_figure(seeds, histories, cfg.target.accuracy), "figures/seeds.png")

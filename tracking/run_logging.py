@@ -29,7 +29,8 @@ def log_epoch(metrics: EpochMetrics) -> None:
     mlflow.set_tag(liveness.HEARTBEAT, f"{time.time():.3f}")
 
 
-def summarize(cfg: C.RunConfig, history: list[EpochMetrics]) -> evaluation.HoldSummary:
+def hold_of(cfg: C.RunConfig, history: list[EpochMetrics]) -> evaluation.HoldSummary:
+    """The run's hold of its target, from its test accuracy per epoch."""
     return evaluation.hold_summary([h.test_accuracy for h in history], cfg.target.accuracy,
                                    cfg.target.hold)
 
@@ -72,7 +73,7 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> None:
 def log_results(cfg: C.RunConfig, splits: Splits, result: TrainResult) -> evaluation.HoldSummary:
     """Summary metrics, figures and the model, after training."""
     num_params = count_params(result.model)
-    hold = summarize(cfg, result.history)
+    hold = hold_of(cfg, result.history)
     summary = {"best_test_accuracy": hold.best_accuracy, "hold_epochs": hold.hold_epochs}
     if hold.target_reached_epoch is not None:
         summary["target_reached_epoch"] = hold.target_reached_epoch

@@ -1,10 +1,10 @@
-"""The run lifecycle: how a run starts, is held and ends FINISHED, FAILED or KILLED, never RUNNING.
+"""The run lifecycle: how a run starts, is owned and ends FINISHED, FAILED or KILLED, never RUNNING.
 
 Stage runs and search trials train through `run_training`, which validates everything that
 can fail cheaply (config, budget, data, store) before a run exists, so bad input creates no
 run. Runs that wrap others (consistency, confirm, tune) and the benchmarks that log
 (time_to_hold, shared_cores) open theirs with `tracked_run`; a run this process did not
-start (a search's parent run) is held with `held`. What is logged lives in
+start (a search's parent run) is owned with `owned`. What is logged lives in
 tracking/provenance.py and tracking/run_logging.py, checkpoints and resuming in
 tracking/checkpoints.py, signals in tracking/signals.py.
 """
@@ -29,24 +29,24 @@ from tracking import hardware, liveness
 from tracking.checkpoints import (THREADS_PARAM, load_checkpoint, log_checkpoint, log_unlogged_epochs,
                                   resumed_threads)
 from tracking.provenance import git_commit, log_datasets, versions
-from tracking.run_logging import log_data_study, log_epoch, log_results, summarize, summary_text
+from tracking.run_logging import hold_of, log_data_study, log_epoch, log_results, summary_text
 from tracking.signals import Interrupts
 
 
 class StopRun(Exception):
-    """Raised inside a held run to end it KILLED on purpose, without an `error` tag: e.g. a
+    """Raised inside an owned run to end it KILLED on purpose, without an `error` tag: e.g. a
     pruned trial (tracking/search/objective.py). The run is ended once, here."""
 
 
 @dataclass
 class RunEnd:
-    status: str = "FINISHED"  # what the run is ended with; `held` sets it
+    status: str = "FINISHED"  # what the run is ended with; `owned` sets it
 
 
 @contextlib.contextmanager
-def held(run_id: str, end: RunEnd, shared: bool = False) -> Iterator[RunEnd]:
-    """While inside, this process holds run `run_id`: it records this process as an owner and
-    a heartbeat (tracking/liveness.py; `shared`: other processes may hold it too), so a run
+def owned(run_id: str, end: RunEnd, shared: bool = False) -> Iterator[RunEnd]:
+    """While inside, this process owns run `run_id`: it records this process as an owner and
+    a heartbeat (tracking/liveness.py; `shared`: other processes may own it too), so a run
     whose process died is found and closed by tracking.doctor. How the block ends sets
     `end.status`, for the caller to end the run with: FINISHED; KILLED on Ctrl-C, SIGTERM or a
     StopRun; FAILED on any other exception, whose reason becomes the run's `error` tag.
@@ -82,11 +82,11 @@ def clear_error(run_id: str) -> None:
 
 @contextlib.contextmanager
 def tracked_run(**start_kwargs) -> Iterator[mlflow.ActiveRun]:
-    """`mlflow.start_run`, held (see `held`) and ended with the status that tells what happened."""
+    """`mlflow.start_run`, owned (see `owned`) and ended with the status that tells what happened."""
     run = mlflow.start_run(**start_kwargs)
     end = RunEnd()
     try:
-        with held(run.info.run_id, end):
+        with owned(run.info.run_id, end):
             yield run
     finally:
         mlflow.end_run(end.status)
@@ -181,5 +181,5 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
         if log_model_artifact:
             hold = log_results(cfg, splits, result)
         else:
-            hold = summarize(cfg, result.history)
+            hold = hold_of(cfg, result.history)
         return RunOutcome(run.info.run_id, result, hold)

@@ -138,7 +138,7 @@ def run_stage(argv: list[str] | None, interrupts: Interrupts, parent: mlflow_run
     except Diverged as exc:
         print(f"error: {exc}; run {getattr(exc, 'run_id', '?')} is FAILED", file=sys.stderr)
         return 1
-    except (OSError, MlflowException, checkpoints.ResumeError) as exc:  # held() ended the run FAILED
+    except (OSError, MlflowException, checkpoints.ResumeError) as exc:  # owned() ended the run FAILED
         print(failed_line(exc), file=sys.stderr)
         return 2
     print(outcome.summary(cfg), end="")

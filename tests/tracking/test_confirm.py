@@ -71,8 +71,8 @@ def test_identical_configs_are_screened_once():
     base = C.load(STAGE3)
     same = C.replace(base, {"seed": 7, "precision": "fp32", "stage": "other"})
     other = C.replace(base, {"schedule.max_lr": 0.02})
-    found = confirm.dedupe([confirm.Candidate("trial-0", same), confirm.Candidate("trial-1", other),
-                            confirm.Candidate("base", base)])
+    found = confirm.dedupe([confirm.ScreenedRecipe("trial-0", same), confirm.ScreenedRecipe("trial-1", other),
+                            confirm.ScreenedRecipe("base", base)])
     assert [c.name for c in found] == ["trial-0", "trial-1"]
 
 

@@ -5,10 +5,10 @@
   database lets exactly one win); it stores the id in the study's user attributes, and the
   other workers, and those that join later, wait for it and nest their trials under it.
   Otherwise a new run for this invocation.
-- **Held**: every process working for it keeps its heartbeat (tracking/liveness.py); shared
-  when other processes may hold it too, so tracking.doctor closes it only when none is left.
+- **Owned**: every process working for it keeps its heartbeat (tracking/liveness.py); shared
+  when other processes may own it too, so tracking.doctor closes it only when none is left.
 - **Ended** on the way out, with the summary (report.py) and the status the run lifecycle
-  decides (runs.held), by a process that leaves no trial of the study running; while
+  decides (runs.owned), by a process that leaves no trial of the study running; while
   other workers of a shared search are still at it, it stays RUNNING and is not summarized.
 """
 
@@ -136,27 +136,27 @@ def check_parent(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def held(plan: Plan, storage: optuna.storages.BaseStorage, run_id: str) -> Iterator[None]:
+def owned(plan: Plan, storage: optuna.storages.BaseStorage, run_id: str) -> Iterator[None]:
     """This process works for the parent run while inside; on the way out it logs the summary
     and ends the run (see the module docstring). A failure of either on the way out of an
     error is a warning: it must not hide that error."""
     end, summarized = runs.RunEnd(), False
     try:
-        with runs.held(run_id, end, shared=plan.shared):
+        with runs.owned(run_id, end, shared=plan.shared):
             yield
             summarized = True  # a failing summary fails the run, and is not tried again
             if last_out(plan, storage):
-                summarize(plan, storage, run_id)
+                log_study_summary(plan, storage, run_id)
     except BaseException:
         if not summarized:
             quietly("log the search summary",
-                    lambda: last_out(plan, storage) and summarize(plan, storage, run_id))
+                    lambda: last_out(plan, storage) and log_study_summary(plan, storage, run_id))
         quietly("end the parent run", lambda: end_parent(plan, storage, run_id, end.status))
         raise
     end_parent(plan, storage, run_id, end.status)
 
 
-def summarize(plan: Plan, storage: optuna.storages.BaseStorage, run_id: str) -> None:
+def log_study_summary(plan: Plan, storage: optuna.storages.BaseStorage, run_id: str) -> None:
     # retrying: two workers of a shared search that finish together both write it
     retrying(lambda: report.log_summary(load(plan, storage), plan.spec, run_id))
 

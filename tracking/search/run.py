@@ -38,7 +38,7 @@ def run_search(opts: Options, mnist: Mnist | None = None) -> SearchResult:
     queued = [] if plan.shared else requeue_interrupted(study)  # shared: retried by heartbeat
     parent_id, experiment_id = parent.open_parent(plan, study, storage, created, experiment_id, queued)
     jobs = make_jobs(plan, parent_id, experiment_id, len(study.get_trials(deepcopy=False)))
-    with parent.held(plan, storage, parent_id):
+    with parent.owned(plan, storage, parent_id):
         run_jobs(jobs, mnist)
     study = parent.load(plan, storage)
     return SearchResult(parent_id, study, report.best_trial(study), report.counts(study))
