@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--epochs", "2", "--train-limit", "1000", "--test-limit", "300", "--set", "data.val_size=300",
-        "--set", "device=cpu", "--seed", "0", "--heartbeat", "10"]
+        "--set", "device=cpu", "--sampler-seed", "0", "--heartbeat", "10"]
 
 
 def run_side(workers: int, trials: int, storage: str, tracking_uri: str, tag: str) -> float:

@@ -49,7 +49,7 @@ def test_the_printed_dashboard_command_shows_the_search_trials(tmp_path, trackin
     exe = dashboard_executable()
     storage = f"sqlite:///{tmp_path}/optuna.db"
     args = ["--config", str(write_search(tmp_path, ROTATION)), "--n-trials", "3", "--epochs", "2",
-            "--storage", storage, "--study-name", "dashboard-study", "--seed", "0",
+            "--storage", storage, "--study-name", "dashboard-study", "--sampler-seed", "0",
             "--train-limit", "1000", "--test-limit", "300", "--experiment", "dashboard",
             "--set", "data.val_size=500 device=cpu optim.batch_size=32"]
     assert search.main(args) == 0

@@ -39,7 +39,8 @@ def parser() -> cli.Parser:
     cli.add(p, "--workers", int, 1, help="local worker processes (default: the file's search.workers)")
     cli.add(p, "--enqueue-base", bool, help="a new study's first trial is the file's base recipe "
             "(default: the file's search.enqueue_base; false: a cold start)")
-    cli.add(p, "--seed", int, 0, help="sampler seed (default: the file's)")
+    cli.add(p, "--sampler-seed", int, 0, help="the sampler's seed (default: the file's search.sampler.seed); "
+            "each trial's run seed is the config's")
     cli.add(p, "--max-params", int, 1, help="the hard parameter budget (default: the file's "
                                             "search.max_params, 8,000)")
     cli.add_overrides(p, *CONFIG_FLAGS, helps={"epochs": "optim.epochs of every trial (no longer searched)",
@@ -54,9 +55,10 @@ def parse_args(argv: list[str] | None) -> Options:
     a = parser().parse_args(argv)
     return Options(
         config=a.config, n_trials=a.n_trials, epochs=a.epochs, storage=a.storage or None,
-        study_name=a.study_name or None, timeout=a.timeout, workers=a.workers, seed=a.seed,
-        train_limit=a.train_limit, test_limit=a.test_limit, experiment=a.experiment,
-        max_params=a.max_params, overrides=tuple(o for item in a.overrides for o in item.split()),
+        study_name=a.study_name or None, timeout=a.timeout, workers=a.workers,
+        sampler_seed=a.sampler_seed, train_limit=a.train_limit, test_limit=a.test_limit,
+        experiment=a.experiment, max_params=a.max_params,
+        overrides=tuple(o for item in a.overrides for o in item.split()),
         study_trials=a.study_trials, heartbeat=a.heartbeat, budget_minutes=a.budget_minutes,
         enqueue_base=a.enqueue_base)
 

@@ -28,7 +28,7 @@ class Options:
     study_name: Optional[str] = None
     timeout: Optional[float] = None  # seconds; None: search.budget_minutes
     workers: Optional[int] = None  # None: search.workers
-    seed: Optional[int] = None
+    sampler_seed: Optional[int] = None  # None: search.sampler.seed
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
     experiment: str = ""
@@ -50,7 +50,7 @@ class Plan:
     study_name: str
     timeout: Optional[float]
     workers: int  # local worker processes
-    seed: int  # the sampler's
+    sampler_seed: int
     study_trials: Optional[int]  # shared search: the study's finished trials to reach
     heartbeat: int
     experiment: str
@@ -77,7 +77,7 @@ def resolve(opts: Options) -> Plan:
     plan = Plan(spec, n_trials=opts.n_trials or s.n_trials, storage=opts.storage or s.storage,
                 study_name=opts.study_name or s.study_name, timeout=timeout_of(opts, s.budget_minutes),
                 workers=opts.workers or s.workers,
-                seed=opts.seed if opts.seed is not None else s.sampler.get("seed", 0),
+                sampler_seed=s.sampler.get("seed", 0) if opts.sampler_seed is None else opts.sampler_seed,
                 study_trials=opts.study_trials, heartbeat=opts.heartbeat or HEARTBEAT_S,
                 experiment=opts.experiment)
     if plan.workers < 1:

@@ -81,7 +81,7 @@ def make_jobs(plan: Plan, parent_run_id: str, experiment_id: str, n_existing: in
     # Workers on other machines share seed and history: this machine and process tell them apart.
     salt = zlib.crc32(worker_name().encode()) if plan.shared else 0
     return [WorkerJob(plan.spec, plan.storage, plan.study_name, n, plan.timeout,
-                      sampler_seed(plan.seed, n_existing, i, salt), parent_run_id,
+                      sampler_seed(plan.sampler_seed, n_existing, i, salt), parent_run_id,
                       experiment_id, mlflow.get_tracking_uri(), threads, quota, plan.heartbeat)
             for i, n in enumerate(per_worker) if n is None or n > 0]
 

@@ -33,7 +33,7 @@ def write_search(tmp_path: Path, space: dict, **settings) -> Path:
 
 def options(tmp_path: Path, config: Path, **changes) -> Options:
     base = dict(config=str(config), n_trials=2, epochs=1, storage=f"journal:{tmp_path}/optuna.log",
-                study_name="test-study", seed=0, train_limit=256, test_limit=300,
+                study_name="test-study", sampler_seed=0, train_limit=256, test_limit=300,
                 experiment="search-test", overrides=("data.val_size=500", "device=cpu"))
     return Options(**{**base, **changes})
 

@@ -41,7 +41,7 @@ def test_an_unwritable_journal_is_one_line_and_exit_2(tracking_uri, path, capsys
 
 def test_empty_cli_values_mean_unset():
     opts = search.parse_args(["--n-trials", "", "--epochs", "", "--storage", "", "--workers", "",
-                              "--seed", "", "--timeout", "", "--train-limit", "", "--test-limit", ""])
+                              "--sampler-seed", "", "--timeout", "", "--train-limit", "", "--test-limit", ""])
     assert opts == Options()
 
 
@@ -49,7 +49,7 @@ def test_mlproject_search_entry_passes_every_parameter():
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
     params = entry["parameters"]
     assert set(params) == {"config", "n_trials", "epochs", "storage", "study_name", "budget_minutes",
-                           "timeout", "workers", "enqueue_base", "seed", "train_limit", "test_limit",
+                           "timeout", "workers", "enqueue_base", "sampler_seed", "train_limit", "test_limit",
                            "max_params", "set"}
     argv = shlex.split(entry["command"].format(**{k: shlex.quote(v["default"])
                                                   for k, v in params.items()}))
