@@ -1,7 +1,7 @@
 """Promotes the first run that held the target to the Model Registry as ``<name>@champion``.
 
-    python -m tracking.promote [--model-name mnist-8k] [--config experiments/stage3.yaml]
-                               [--target PERCENT] [--hold EPOCHS] [--experiment NAME]
+    python -m tracking.promote [--model-name mnist-8k] [--stage-config experiments/stage3.yaml]
+                               [--target PERCENT] [--hold EPOCHS] [--from-experiment NAME]
                                [--parent-run-id ID] [--dry-run]
 
 "First" is by start time over FINISHED runs (stage runs and search trials alike) that
@@ -12,7 +12,7 @@ logged (tag made_by=mnist-mlflow) whose logged model is verifiably a TinyNet of 
 (tracking/safe_model.py); any other run that held the target is skipped with one line on
 stderr. Before anything is registered its parameter count is checked against the budget and
 its test accuracy recomputed; a disagreement with the run's last logged value refuses the
-promotion. A registered model of that name that this project did not create is refused. Target, hold and budget are the experiment file's (`--config`:
+promotion. A registered model of that name that this project did not create is refused. Target, hold and budget are the experiment file's (`--stage-config`:
 target.accuracy, target.hold, model.max_params); --target and --hold override the first two.
 
 Exit codes: 0 promoted, already promoted or dry run; 1 no qualifying run;
@@ -93,7 +93,7 @@ def experiment_ids(client: MlflowClient, name: Optional[str]) -> list[str]:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             known = ", ".join(e.name for e in client.search_experiments()) or "none"
-            raise PromotionError(f"--experiment {name!r} does not exist; experiments: {known}")
+            raise PromotionError(f"--from-experiment {name!r} does not exist; experiments: {known}")
         return [exp.experiment_id]
     return [e.experiment_id for e in client.search_experiments()]
 
@@ -166,11 +166,14 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: Optional[float] = None
 def parser() -> cli.Parser:
     p = cli.parser("python -m tracking.promote", __doc__)
     p.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
-    p.add_argument("--config", default=str(cli.STAGE3),
+    # --stage-config and --from-experiment: elsewhere --config is a search file and
+    # --experiment where runs go; here they are the criteria's file and a filter
+    p.add_argument("--stage-config", dest="config", default=str(cli.STAGE3),
                    help="experiment file whose target and budget apply (default %(default)s)")
     cli.add(p, "--target", float, help="test accuracy in percent (default: the file's target.accuracy)")
     cli.add(p, "--hold", int, help="consecutive epochs at or above target (default: target.hold)")
-    p.add_argument("--experiment", default="", help="experiment name (default: all experiments)")
+    p.add_argument("--from-experiment", dest="experiment", default="",
+                   help="only runs of this experiment (default: all experiments)")
     p.add_argument("--parent-run-id", default="", help="only the child runs of this run "
                                                        "(e.g. tracking.confirm's parent)")
     # A value is accepted too so that the MLproject entry point can pass dry_run=false.

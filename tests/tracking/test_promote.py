@@ -165,7 +165,7 @@ def test_promotion_is_idempotent_and_restores_the_alias(store, mnist):
 @pytest.mark.slow
 def test_two_simultaneous_promotions_register_one_version(store):
     cmd = [sys.executable, "-m", "tracking.promote", "--model-name", "race",
-           "--target", str(min(store.b_acc)), "--hold", "2", "--experiment", "main"]
+           "--target", str(min(store.b_acc)), "--hold", "2", "--from-experiment", "main"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen(cmd, cwd=store.root, env=env, stdout=subprocess.PIPE,
@@ -198,7 +198,7 @@ def test_a_promoter_that_lost_the_race_keeps_the_lowest_version_and_deletes_its_
 def test_no_qualifying_run_exits_1_and_lists_the_closest(store, capsys):
     # 98% for 2 epochs: only the over-budget run holds it, and its real model is too big.
     code = P.main(["--model-name", "none", "--target", "98", "--hold", "2",
-                   "--experiment", "main"])
+                   "--from-experiment", "main"])
 
     err = capsys.readouterr().err
     assert code == 1
@@ -232,7 +232,7 @@ def test_a_failure_after_creating_the_version_deletes_it(store, mnist):
     (["--target", "0"], "--target 0.0 is not allowed: 0 < target <= 100"),
     (["--hold", "0"], "--hold 0 is not allowed"),
     (["--model-name", "it's"], "--model-name \"it's\" is not allowed"),
-    (["--experiment", "nope"], "--experiment 'nope' does not exist; experiments:"),
+    (["--from-experiment", "nope"], "--from-experiment 'nope' does not exist; experiments:"),
 ])
 def test_bad_arguments_exit_2_with_the_value_and_what_is_allowed(store, capsys, argv, message):
     assert P.main(argv) == 2
@@ -263,6 +263,9 @@ def test_target_hold_and_budget_are_the_experiment_files(tmp_path):
     assert P.Criteria.of(tmp_path / "small.yaml") == P.Criteria(99.0, 2, 7000)
     assert P.Criteria.of(tmp_path / "small.yaml", target=98.5) == P.Criteria(98.5, 2, 7000)
     assert P.Criteria(99.0, 2, 7000).over_budget(7001) and not P.Criteria(99.0, 2, None).over_budget(10**6)
+    # the criteria's file and a filter: not --config (a search file elsewhere) nor --experiment
+    args = P.parser().parse_args(["--stage-config", str(tmp_path / "small.yaml"), "--from-experiment", "e"])
+    assert (args.config, args.experiment) == (str(tmp_path / "small.yaml"), "e")
 
 
 # ---------------------------------------------------------------- a store others can write to
@@ -307,7 +310,7 @@ def test_promotion_runs_no_code_from_the_store_and_skips_what_it_cannot_verify(s
     capsys.readouterr()
 
     code = P.main(["--model-name", "hostile", "--target", str(min(store.b_acc)), "--hold", "2",
-                   "--experiment", "hostile", "--dry-run"])
+                   "--from-experiment", "hostile", "--dry-run"])
 
     out, err = capsys.readouterr()
     assert not marker.exists()
@@ -332,7 +335,7 @@ def test_a_registered_model_of_another_team_is_refused_and_left_alone(store, cap
 
     for dry in ([], ["--dry-run"]):
         code = P.main(["--model-name", "theirs", "--target", str(min(store.b_acc)), "--hold", "2",
-                       "--experiment", "main", *dry])
+                       "--from-experiment", "main", *dry])
         err = capsys.readouterr().err
         assert code == 2
         assert err.startswith("error: registered model 'theirs' exists and was not created by this "
@@ -352,7 +355,7 @@ def create_then_die(self, *args, **kwargs):  # SIGKILL right after the version e
     os._exit(9)
 MlflowClient.create_model_version = create_then_die
 P.main(["--model-name", "killed", "--target", os.environ["TARGET"], "--hold", "2",
-        "--experiment", "main"])
+        "--from-experiment", "main"])
 """
 
 
