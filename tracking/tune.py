@@ -88,7 +88,7 @@ def confirm_step(args: argparse.Namespace, storage: str, study: str) -> Step:
 def promote_step(args: argparse.Namespace, confirm_run_id: str) -> Step:
     return Step("promote", [sys.executable, "-m", "tracking.promote", "--model-name", args.model_name,
                             "--parent-run-id", confirm_run_id]
-                + _flags([("--target", args.promote_target), ("--hold", args.promote_hold)]))
+                + _flags([("--target", args.target), ("--hold", args.hold)]))
 
 
 # ---------------------------------------------------------------- running one step
@@ -176,7 +176,7 @@ def check(args: argparse.Namespace) -> tuple[str, str]:
     for name in ("precisions", "final_precisions"):
         cli.choice_list(name.replace("_", "-"), getattr(args, name), confirm.PRECISIONS)
     cli.int_list("threads", args.threads, 1)
-    crit = promote.Criteria.of(target=args.promote_target, hold=args.promote_hold)
+    crit = promote.Criteria.of(target=args.target, hold=args.hold)
     promote.check_arguments(args.model_name, crit.target, crit.hold)
     return args.storage or spec.settings.storage, args.study_name or spec.settings.study_name
 
@@ -192,9 +192,10 @@ def parser() -> cli.Parser:
     cli.add(p, "--budget-minutes", float, 0, help="search: minutes after which no trial starts "
                                                   "(default: the search file's)")
     p.add_argument("--model-name", default=promote.DEFAULT_MODEL_NAME)
-    cli.add(p, "--promote-target", float, help="promote --target (default: the stage 3 file's "
-                                               "target.accuracy); a quick look on tiny data needs a lower one")
-    cli.add(p, "--promote-hold", int, 1, help="promote --hold (default: target.hold)")
+    # promote's own flags, passed on as they are: only the promote step has a target
+    cli.add(p, "--target", float, help="promote: test accuracy in percent (default: the stage 3 "
+                                       "file's target.accuracy); a quick look on tiny data needs a lower one")
+    cli.add(p, "--hold", int, 1, help="promote: consecutive epochs at or above it (default: target.hold)")
     cli.add_experiment(p)
     return p
 

@@ -32,8 +32,8 @@ def runs_of(exp_name: str, where: str = "") -> list:
 
 @pytest.mark.parametrize("extra, message", [
     (["--precisions", "fp16"], "--precisions='fp16' is not allowed"),
-    (["--promote-target", "ninety"], "--promote-target='ninety' is not a number"),
-    (["--promote-target", "0"], "--target 0.0 is not allowed"),
+    (["--target", "ninety"], "--target='ninety' is not a number"),
+    (["--target", "0"], "--target 0.0 is not allowed"),
     (["--model-name", "a/b"], "--model-name 'a/b' is not allowed"),
     (["--n-trials", "0"], "--n-trials='0' is not allowed"),
 ])
@@ -76,7 +76,7 @@ def test_mlproject_entries_pass_every_parameter_and_empty_means_the_default(entr
                                "final_seeds", "final_precisions", "epochs", "train_limit",
                                "test_limit", "set"}
     else:
-        assert {"n_trials", "top", "final_seeds", "model_name", "promote_target", "promote_hold"} <= set(params)
+        assert {"n_trials", "top", "final_seeds", "model_name", "target", "hold"} <= set(params)
 
 
 @pytest.mark.slow
@@ -87,7 +87,7 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
                       "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study-name", "quick",
                       "--top", "1", "--seeds", "1", "--precisions", "fp32", "--threads", "1",
                       "--final-seeds", "1", "--final-precisions", "bf16,fp32", "--set", QUICK,
-                      "--model-name", "tune-test", "--promote-target", "20", "--promote-hold", "1"])
+                      "--model-name", "tune-test", "--target", "20", "--hold", "1"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     client = MlflowClient()
