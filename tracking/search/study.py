@@ -161,22 +161,26 @@ def check_settings(spec: SearchSpec, study: optuna.Study) -> None:
     if study.direction != optuna.study.StudyDirection.MINIMIZE:
         raise C.ConfigError(f"study {name!r} exists and maximizes (an older objective); this search "
                             "minimizes the epoch of the validation hold: use another --study-name")
-    want, have = fixed_settings(spec), study.user_attrs.get("fixed_settings")
-    if have is None:
-        study.set_user_attr("fixed_settings", want)
-    elif have != want:
-        diff = ", ".join(f"{k}={have.get(k)!r} (now {v!r})"
-                         for k, v in want.items() if have.get(k) != v)
-        raise C.ConfigError(f"study {name!r} was run with {diff}: its trials would not be "
-                            "comparable; use the same values or another --study-name")
+    settings = fixed_settings(spec)
+    same_as_recorded(study, "fixed_settings", settings, lambda have: (
+        f"study {name!r} was run with "
+        + ", ".join(f"{k}={have.get(k)!r} (now {v!r})" for k, v in settings.items() if have.get(k) != v)
+        + ": its trials would not be comparable; use the same values or another --study-name"))
     # Optuna itself refuses only some changes (categorical choices), and only inside a trial.
-    want, have = space_record(spec), study.user_attrs.get("space")
+    space = space_record(spec)
+    same_as_recorded(study, "space", space, lambda have: (
+        f"study {name!r} was made with another search space: {spec.source} "
+        f"{space_diff(have, space)}; use the study's search file or another --study-name"))
+
+
+def same_as_recorded(study: optuna.Study, key: str, want, refusal) -> None:
+    """The study's first run records `want` under `key`; a later one that differs is refused
+    with `refusal(recorded)`."""
+    have = study.user_attrs.get(key)
     if have is None:
-        study.set_user_attr("space", want)
+        study.set_user_attr(key, want)
     elif have != want:
-        raise C.ConfigError(f"study {name!r} was made with another search space: {spec.source} "
-                            f"{space_diff(have, want)}; use the study's search file or another "
-                            "--study-name")
+        raise C.ConfigError(refusal(have))
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
