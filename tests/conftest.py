@@ -89,6 +89,17 @@ def use_store(directory: Path, monkeypatch) -> str:
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite store per test; subprocesses inherit it through the environment."""
     yield use_fresh_store(tmp_path, monkeypatch)
+    end_runs_and_forget_the_store()
+
+
+@pytest.fixture
+def unmade_store_uri(tmp_path, monkeypatch) -> str:
+    """As tracking_uri, but no store file exists yet: for tests that check a command makes none."""
+    yield use_store(tmp_path, monkeypatch)
+    end_runs_and_forget_the_store()
+
+
+def end_runs_and_forget_the_store() -> None:
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)

@@ -126,13 +126,13 @@ STUDY_ENTRY = b'{"op_code": 0, "worker_id": "w", "study_name": "s", "directions"
     (STUDY_ENTRY + b"\x00\xff\x00\n", "line 2 is not JSON"),  # failed mid-search before
     (b'{"op_code": 0}\n', "KeyError"),
 ])
-def test_a_damaged_journal_is_one_line_and_exit_2(tmp_path, tracking_uri, capsys, content, why):
+def test_a_damaged_journal_is_one_line_and_exit_2(tmp_path, unmade_store_uri, capsys, content, why):
     journal = tmp_path / "optuna.log"
     journal.write_bytes(content)
     assert search.main(["--config", str(ROOT / "experiments/search.yaml"), "--storage", f"journal:{journal}",
                         "--n-trials", "1", "--epochs", "1", "--train-limit", "256", "--test-limit", "100"]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith(f"error: storage 'journal:{journal}': the journal file is damaged (") and why in err
-    assert journal.read_bytes() == content
+    assert journal.read_bytes() == content and not (tmp_path / "mlflow.db").exists()  # no store
     client = mlflow.MlflowClient()
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
