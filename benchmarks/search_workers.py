@@ -32,7 +32,7 @@ def run_side(workers: int, trials: int, storage: str, tracking_uri: str, tag: st
     env.pop("MLFLOW_RUN_ID", None)
     cmd = [sys.executable, "-m", "tracking.search", "--config", str(ROOT / "experiments/search.yaml"),
            "--storage", storage, "--study-name", f"bench-{tag}-{workers}w", "--study-trials",
-           str(trials), "--experiment", "search-workers-benchmark", *TINY]
+           str(trials), "--experiment", "search-workers-benchmark", "--workers", "1", *TINY]
     start = time.monotonic()
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for _ in range(workers)]

@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 STUDY_TRIALS = 9
 WORKER_ARGS = ["--study-name", "team", "--study-trials", str(STUDY_TRIALS), "--epochs", "2",
                "--train-limit", "1000", "--test-limit", "300", "--set", "data.val_size=300",
-               "--set", "device=cpu", "--heartbeat", "2", "--experiment", "team", "--sampler-seed", "0"]
+               "--set", "device=cpu", "--heartbeat", "2", "--experiment", "team", "--sampler-seed", "0",
+               "--workers", "1"]  # one process a "machine": the test kills that process
 
 
 def start_worker(storage: str, url: str, folder, i: int) -> subprocess.Popen:
