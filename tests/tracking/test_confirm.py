@@ -134,6 +134,7 @@ def test_bad_input_exits_2_before_any_run(tmp_path, tracking_uri, capsys, extra,
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
+@pytest.mark.slow  # an end-to-end chain of several trainings: the whole suite runs it
 def test_screens_on_validation_picks_the_winner_and_confirms_it(study, tmp_path, capsys):
     config, storage, result = study
     code = confirm.main(argv(config, storage, "--top", "1", "--seeds", "1", "--precisions", "bf16,fp32",

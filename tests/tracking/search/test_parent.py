@@ -20,6 +20,7 @@ from tracking.search.plan import resolve
 from tracking.search.run import run_search
 
 
+@pytest.mark.slow  # an end-to-end chain of several trainings: the whole suite runs it
 def test_later_workers_join_the_parent_run_and_stop_at_the_study_quota(tmp_path, mnist, tracking_uri):
     config = write_search(tmp_path, ROTATION)
     first = run_search(shared(tmp_path, config, study_trials=2), mnist=mnist)
@@ -69,6 +70,7 @@ def test_under_mlflow_run_the_entry_points_run_is_the_parent(tmp_path, mnist, tr
     assert child.info.experiment_id == experiment_id and child.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # an end-to-end chain of several trainings: the whole suite runs it
 def test_the_last_worker_out_summarizes_and_ends_the_parent(tmp_path, mnist, tracking_uri):
     """A worker leaving while another's trial trains neither summarizes (the best trial could
     still be overtaken, and MLflow params cannot change) nor ends the parent."""

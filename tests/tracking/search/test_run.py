@@ -12,6 +12,7 @@ from tracking.search import report
 from tracking.search.run import run_search
 
 
+@pytest.mark.slow  # an end-to-end chain of several trainings: the whole suite runs it
 def test_an_interrupted_search_resumes_without_repeating_trials(tmp_path, mnist, tracking_uri,
                                                                 monkeypatch):
     config = write_search(tmp_path, {**ROTATION, "optim.lr": {"type": "float", "low": 0.001,

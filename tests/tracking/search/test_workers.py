@@ -22,6 +22,7 @@ from tracking.search.run import run_search
 from tracking.search.trial_runs import TrialRuns
 
 
+@pytest.mark.slow  # an end-to-end chain of several trainings: the whole suite runs it
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(tmp_path, mnist, tracking_uri):
     """A trial left RUNNING by a worker that vanished (its heartbeat stopped): the next worker
     fails it after 3 heartbeats, runs it again with its params, and ends its MLflow run FAILED."""
