@@ -103,3 +103,9 @@ def end_runs_and_forget_the_store() -> None:
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): with `-n 2` the long end-to-end tests then overlap
+    each other instead of one of them ending the run alone on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
