@@ -154,6 +154,12 @@ def _behind(score: float, bar: Optional[float]) -> bool:
     return bar is not None and score > bar
 
 
+def _racing(reporters: list[HoldReporter], status: str) -> Optional[str]:
+    """A trial that fails while racing has a FINISHED first run: it must not stay FINISHED
+    (FINISHED means COMPLETE). Before that, run_training has ended the run itself."""
+    return status if len(reporters) > 1 else None
+
+
 class Objective:
     def __init__(self, ctx: TrialContext):
         self.ctx = ctx
@@ -229,10 +235,10 @@ class Objective:
             raise
         except KeyboardInterrupt:
             trial.set_user_attr(N.INTERRUPTED, True)  # a resumed search runs it again
-            self._close(trial, N.FAIL, None, {"error": "interrupted"})
+            self._close(trial, N.FAIL, _racing(reporters, "KILLED"), {"error": "interrupted"})
             raise
         except Exception as exc:
-            self._close(trial, N.FAIL, None, {"error": repr(exc)[:4000]})
+            self._close(trial, N.FAIL, _racing(reporters, "FAILED"), {"error": repr(exc)[:4000]})
             raise
         value = sum(scores.values()) / len(scores)
         reporter.report_rest(cfg.optim.epochs)
