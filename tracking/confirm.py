@@ -214,11 +214,14 @@ def run_confirm(plan: ConfirmPlan, mnist: Mnist) -> str:
         screens = screen(plan, mnist)
         scores = R.rank([c.name for c in plan.candidates], screens)
         log_screening(screens, scores)
-        winner = next(c for c in plan.candidates if c.name == scores[0].candidate)
+        name, why = R.choose(scores, "base", plan.spec.settings.hold_epoch_sd)
+        winner = next(c for c in plan.candidates if c.name == name)
         hold = plan.spec.base.target.hold
         print("ranking (validation):\n" + "\n".join(f"  {i}. {R.winner_line(s, plan.threshold, hold)}"
                                                     for i, s in enumerate(scores, 1)), flush=True)
-        mlflow.set_tags({"winner": winner.name, "winner_trial": "none" if winner.trial is None else winner.trial})
+        print(f"winner: {why}", flush=True)
+        mlflow.set_tags({"winner": winner.name, "winner_reason": why,
+                         "winner_trial": "none" if winner.trial is None else winner.trial})
         outcomes, rows = final(plan, winner, mnist)
         log_final(plan, winner, outcomes, rows)
     return parent.info.run_id

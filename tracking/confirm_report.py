@@ -86,6 +86,29 @@ def rank(candidates: list[str], screens: list[ScreenRun]) -> list[Score]:
     return sorted((score(c, screens) for c in candidates), key=Score.key)
 
 
+def choose(scores: list[Score], base: str, sd: Optional[float], z: float = 1.96) -> tuple[str, str]:
+    """The winner and why. With `sd` (one seed's hold-epoch sd, search.hold_epoch_sd) the
+    top-ranked candidate replaces the base only when it held in at least as many runs and its
+    mean hold epoch is earlier by more than z * sd * sqrt(1/n + 1/m) (n, m: the runs that held);
+    otherwise the base stays. Without `sd`, the top-ranked candidate wins."""
+    top = scores[0]
+    if top.candidate == base:
+        return base, f"{base} ranked first"
+    if sd is None:
+        return top.candidate, f"{top.candidate} ranked first (no search.hold_epoch_sd: no noise rule)"
+    b = next(s for s in scores if s.candidate == base)  # ranked below top: top.holds >= b.holds
+    if b.holds == 0:
+        return top.candidate, f"{top.candidate} held in {top.holds} of {top.runs} runs, {base} in none"
+    resolution = z * sd * math.sqrt(1 / top.holds + 1 / b.holds)
+    gap = b.hold_epoch_mean - top.hold_epoch_mean
+    verdict = (f"hold epoch {top.hold_epoch_mean:.2f} against {base}'s {b.hold_epoch_mean:.2f}: "
+               f"{gap:.2f} epochs earlier, resolution {resolution:.2f} "
+               f"({z:g} x sd {sd:g} x sqrt(1/{top.holds} + 1/{b.holds}))")
+    if gap > resolution:
+        return top.candidate, f"{top.candidate} beats {base} beyond the noise: {verdict}"
+    return base, f"{base} stays: {top.candidate} ranked first but within the noise: {verdict}"
+
+
 # ---------------------------------------------------------------- tables
 
 def csv(rows: list[dict[str, Any]]) -> str:

@@ -54,6 +54,33 @@ def test_same_hold_epoch_higher_held_accuracy_wins():
     assert [s.candidate for s in R.rank(["a", "b"], screens)] == ["b", "a"]
 
 
+def _scores(trial: list[list[float]], base: list[list[float]]) -> list[R.Score]:
+    screens = [screen("trial-3", v) for v in trial] + [screen("base", v) for v in base]
+    return R.rank(["trial-3", "base"], screens)
+
+
+HELD_AT = {e: [99.0] * (e - 2) + [99.5] * 2 for e in range(2, 15)}  # hold=2 completes at epoch e
+
+
+@pytest.mark.parametrize("trial, base, sd, winner", [
+    ([7, 7], [12, 12], 1.6, "trial-3"),  # 5 epochs earlier > 1.96 * 1.6 * 1 = 3.14
+    ([10, 10], [12, 12], 1.6, "base"),  # 2 epochs earlier: within the noise
+    ([10, 10], [12, 12], 0.5, "trial-3"),  # a quieter objective resolves 2 epochs
+    ([10, 10], [12, 12], None, "trial-3"),  # no sd: the top-ranked wins
+    ([12, 12], [10, 10], 1.6, "base"),  # the base ranks first
+])
+def test_the_base_stays_unless_beaten_beyond_the_noise(trial, base, sd, winner):
+    name, why = R.choose(_scores([HELD_AT[e] for e in trial], [HELD_AT[e] for e in base]), "base", sd)
+    assert name == winner
+    assert ("within the noise" in why) == (winner == "base" and sd is not None and trial[0] < base[0])
+
+
+def test_a_candidate_that_holds_where_the_base_never_does_wins():
+    never = [99.0] * 14
+    name, why = R.choose(_scores([HELD_AT[13], HELD_AT[13]], [never, never]), "base", 1.6)
+    assert name == "trial-3" and "base in none" in why
+
+
 @pytest.mark.parametrize("direction, best_first", [("minimize", [1, 2, 0]), ("maximize", [0, 2, 1])])
 def test_top_trials_follow_the_study_direction(direction, best_first):
     study = optuna.create_study(direction=direction)

@@ -72,6 +72,9 @@ class Settings:
     # seeds: a promising trial's seeds in all (its objective is their mean); margin: how far
     # behind the best mean a first seed may score and still count as promising (objective units)
     race: dict = dataclasses.field(default_factory=lambda: {"seeds": 1, "margin": 0.0})
+    # one seed's objective sd (docs/noise.md): confirm keeps the base unless a candidate beats
+    # it by more than the noise of the runs screened; None: the top-ranked candidate wins
+    hold_epoch_sd: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +187,9 @@ def parse_settings(raw: dict[str, Any]) -> Settings:
             and 0 <= race["margin"] < math.inf, "search.race.margin", race["margin"],
             "a number >= 0 (objective units: epochs)")
     s = dataclasses.replace(s, race=race)
+    sd = s.hold_epoch_sd
+    require(sd is None or (isinstance(sd, (int, float)) and not isinstance(sd, bool) and 0 < sd < math.inf),
+            "search.hold_epoch_sd", sd, "a number of epochs > 0, or null")
     make_pruner(s.pruner)  # fails here, not in the first trial
     return s
 

@@ -98,6 +98,12 @@ def test_a_bad_race_setting_is_refused(tmp_path, race, match):
         load_search(write_search(tmp_path, ROTATION, race=race))
 
 
+@pytest.mark.parametrize("sd", [0, -1.6, "1.6", True, float("inf")])
+def test_a_bad_hold_epoch_sd_is_refused(tmp_path, sd):
+    with pytest.raises(ConfigError, match="search.hold_epoch_sd"):
+        load_search(write_search(tmp_path, ROTATION, hold_epoch_sd=sd))
+
+
 def test_the_sgd_search_is_the_search_with_sgd_its_lr_range_and_nesterov():
     """experiments/search_sgd.yaml derives from search.yaml: only the optimizer's keys differ."""
     adam, sgd = load_search(SEARCH_YAML), load_search(ROOT / "experiments/search_sgd.yaml")
