@@ -48,10 +48,16 @@ def base_params(spec: SearchSpec) -> dict[str, Any]:
     return out
 
 
-def make_sampler(settings: Settings, seed: Optional[int]) -> optuna.samplers.TPESampler:
-    """Multivariate TPE with `group`: conditional parameters are modelled together, not alone."""
+def make_sampler(settings: Settings, seed: Optional[int]) -> optuna.samplers.BaseSampler:
+    """search.sampler.name: multivariate TPE with `group` (conditional parameters modelled together;
+    the default), Optuna's GPSampler (a Gaussian process, for few continuous dimensions), or random."""
+    name = settings.sampler.get("name", "tpe")
+    startup = settings.sampler.get("n_startup_trials", 10)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group`
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True,
-            n_startup_trials=settings.sampler.get("n_startup_trials", 10))
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group`, GPSampler
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
+                                             warn_independent_sampling=False)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup)

@@ -32,6 +32,7 @@ FIXED_PREFIXES = {
     "target.": "the target is for reporting, not selection",
 }
 KINDS = ("float", "int", "categorical")
+SAMPLERS = ("tpe", "gp", "random")  # search.sampler.name; tracking/search/sampling.py makes them
 PRUNERS = {
     "median": optuna.pruners.MedianPruner,
     "percentile": optuna.pruners.PercentilePruner,
@@ -172,8 +173,10 @@ def parse_settings(raw: dict[str, Any]) -> Settings:
     s = dataclasses.replace(s, val_margin=float(margin), fixed=tuple(s.fixed))
     require(isinstance(s.log_models, bool), "search.log_models", s.log_models, "true or false")
     require(isinstance(s.enqueue_base, bool), "search.enqueue_base", s.enqueue_base, "true or false")
-    require(isinstance(s.sampler, dict) and set(s.sampler) <= {"seed", "n_startup_trials"},
-            "search.sampler", s.sampler, "a mapping with seed and/or n_startup_trials")
+    require(isinstance(s.sampler, dict) and set(s.sampler) <= {"name", "seed", "n_startup_trials"},
+            "search.sampler", s.sampler, "a mapping with name, seed and/or n_startup_trials")
+    require(s.sampler.get("name", "tpe") in SAMPLERS, "search.sampler.name", s.sampler.get("name"),
+            " or ".join(SAMPLERS))
     require(s.budget_minutes is None or (isinstance(s.budget_minutes, (int, float))
             and not isinstance(s.budget_minutes, bool) and 0 < s.budget_minutes < math.inf),
             "search.budget_minutes", s.budget_minutes, "a number of minutes > 0, or null")

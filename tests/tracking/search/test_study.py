@@ -27,6 +27,28 @@ def test_the_base_config_is_the_first_trial(tmp_path):
     assert cfg.optim.weight_decay <= 1e-6  # 0 clipped into the log range
 
 
+@pytest.mark.parametrize("name, cls", [("tpe", optuna.samplers.TPESampler),
+                                       ("gp", optuna.samplers.GPSampler),
+                                       ("random", optuna.samplers.RandomSampler)])
+def test_the_search_file_names_its_sampler_and_the_seed_fixes_it(tmp_path, name, cls):
+    spec = load_search(write_search(tmp_path, ROTATION, sampler={"name": name, "seed": 0, "n_startup_trials": 2}))
+
+    def best(seed: int) -> list[float]:
+        sampler = make_sampler(spec.settings, seed)
+        assert isinstance(sampler, cls)
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        study.optimize(lambda t: (sample_params(t, spec.space, spec.base)["augment.rotation_degrees"] - 3) ** 2,
+                       n_trials=4)
+        return [t.value for t in study.trials]
+
+    assert best(1) == best(1)
+
+
+def test_an_unknown_sampler_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="search.sampler.name.*tpe or gp or random"):
+        load_search(write_search(tmp_path, ROTATION, sampler={"name": "cmaes"}))
+
+
 def test_the_seed_fixes_the_sampled_params():
     spec = load_search(SEARCH_YAML)
 
