@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, write_search
-from tracking import confirm, promote, tune
+from tracking import confirm, promote, report, tune
 
 QUICK = "data.val_size=500 device=cpu optim.batch_size=32 optim.ema_decay=0.9"
 
@@ -121,3 +121,12 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
     assert promote_run.data.tags["model_run_id"] == champion.run_id
     assert "promoted: run" in mlflow.artifacts.load_text(f"runs:/{promote_run.info.run_id}/output.txt")
     assert "models:/tune-test@champion is version 1" in out
+
+    # the chain's report (docs/tune.md): its steps, trials, screening, choice and final seeds
+    assert report.main(["--tune", "latest"]) == 0
+    text = capsys.readouterr().out
+    for part in ("| search | FINISHED |", "| confirm | FINISHED |", "| promote | FINISHED |",
+                 "Trials: ", "epochs trained", "## Search", "| number | trial_state | value |", "Winner: ",
+                 parent.data.tags["model_uri"], "| seed | precision | held |"):
+        assert part in text, part
+    assert report.main(["--tune", "latest", "--experiment", "no-such-experiment"]) == 2

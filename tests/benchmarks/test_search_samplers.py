@@ -1,0 +1,41 @@
+"""benchmarks/search_samplers.py: each sampler:pruner pair searches as its own cold-start study."""
+
+import optuna
+import yaml
+
+from benchmarks import search_samplers
+from tests.conftest import ROOT
+from tracking.search.space import load_search
+
+TINY = ["--minutes", "5", "--n-trials", "2", "--workers", "1", "--epochs", "2", "--train-limit", "400",
+        "--test-limit", "200", "--set", "data.val_size=200 device=cpu optim.batch_size=32 optim.ema_decay=0.9"]
+
+
+def test_each_pair_is_its_own_cold_study_with_only_its_sampler_and_pruner_changed(tracking_uri, mnist, capsys):
+    storage = "sqlite:///samplers.db"
+    assert search_samplers.main(["--combos", "random:median,tpe:hyperband", "--storage", storage, *TINY]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| random:median") or line.startswith("| tpe:hyperband")]
+    assert len(rows) == 2 and rows[0].split(" | ")[3] == "1.000"  # the first pair against itself
+    for name in ("samplers-random-median-r1", "samplers-tpe-hyperband-r1"):
+        study = optuna.load_study(study_name=name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        assert len(trials) == 2 and not any(t.user_attrs.get("incumbent") for t in trials)  # cold
+
+
+def test_the_written_search_file_differs_from_the_default_only_in_sampler_and_pruner(tmp_path):
+    base = ROOT / "experiments/search.yaml"
+    spec = load_search(search_samplers.search_file(tmp_path, base, "gp", "hyperband"))
+    default = load_search(base)
+    assert spec.base == default.base and spec.space == default.space
+    assert spec.settings.sampler == {**default.settings.sampler, "name": "gp"}
+    assert spec.settings.pruner == {"name": "hyperband", "min_resource": 4, "reduction_factor": 3}
+    assert yaml.safe_load((tmp_path / "search-gp-hyperband.yaml").read_text())["extends"] == str(
+        ROOT / "experiments/stage3.yaml")
+
+
+def test_an_unknown_pair_is_refused_before_any_study(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert search_samplers.main(["--combos", "tpe:median,cmaes:median"]) == 2
+    assert "'cmaes:median' is not sampler:pruner" in capsys.readouterr().err
+    assert not (tmp_path / "samplers.db").exists()
