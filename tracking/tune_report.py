@@ -66,7 +66,7 @@ def trials_table(csv_text: str) -> str:
     params = [c for c in df.columns if c.startswith("params.")]
     df = df[[c for c in TRIAL_COLUMNS if c in df.columns] + params]
     df = df.rename(columns={c: c.split(".")[-1] for c in params})
-    rows = [{k: ("-" if pd.isna(v) else round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+    rows = [{k: ("-" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}
             for r in df.to_dict("records")]
     return markdown(rows)
 
