@@ -16,7 +16,8 @@ All as nested MLflow runs under one parent run:
    consistency summary, the per-seed curves and recipe.yaml: ``extends: stage3.yaml`` plus only
    the keys that differ from experiments/stage3.yaml.
 
-Exit codes: 0 done; 2 bad input (nothing created); 130 interrupted (runs ended KILLED).
+Exit codes: 0 done; 2 bad input (nothing created); 130 or 143 interrupted by Ctrl-C or
+SIGTERM (runs ended KILLED).
 
 Over 300 lines on purpose: the procedure reads in the order it runs (candidates, numerics,
 screening, final runs, what the parent logs, the CLI); its pure decisions and tables are
@@ -41,9 +42,9 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
-from tracking import cli, consistency, runs
+from tracking import cli, consistency, mlflow_run, runs
 from tracking.report import markdown
-from tracking.signals import sigterm_as_interrupt
+from tracking.signals import exit_code
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
 from tracking.search.space import SearchSpec, load_search
@@ -342,6 +343,11 @@ def add_step_arguments(p: argparse.ArgumentParser, defaults: dict[str, str], wha
 
 
 def main(argv: list[str] | None = None) -> int:
+    return mlflow_run.run_entry_point(lambda _parent: command(argv))
+
+
+def command(argv: list[str] | None) -> int:
+    """The checks, then `run_confirm`; returns the exit status."""
     try:
         args = parser().parse_args(argv)
         args.config = args.config or DEFAULT_CONFIG  # '' is MLproject's unset
@@ -358,11 +364,10 @@ def main(argv: list[str] | None = None) -> int:
           f"on validation (threshold {plan.threshold:g}%), then {len(plan.final_seeds) * len(plan.final_precisions)} "
           "final runs", flush=True)
     try:
-        with sigterm_as_interrupt():
-            run_id = run_confirm(plan, mnist)
-    except KeyboardInterrupt:
+        run_id = run_confirm(plan, mnist)
+    except KeyboardInterrupt as exc:
         print("interrupted: the runs so far are KILLED or FINISHED", file=sys.stderr)
-        return 130
+        return exit_code(exc)
     print(f"recipe: mlflow artifacts download -r {run_id} -a {RECIPE} -d .")
     print(f"parent run_id: {run_id}")
     return 0

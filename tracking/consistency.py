@@ -16,8 +16,7 @@ import mlflow
 import numpy as np
 
 from mnist_mlflow import config as C
-from tracking import cli, runs
-from tracking.signals import sigterm_as_interrupt
+from tracking import cli, mlflow_run, runs
 from tracking.stage import SetupError, checked_setup
 
 
@@ -48,6 +47,11 @@ def seed_stats(outcomes: list[runs.RunOutcome], cfg: C.RunConfig) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
+    return mlflow_run.run_entry_point(lambda _parent: command(argv))
+
+
+def command(argv: list[str] | None) -> int:
+    """The checks, then the seeds under one parent run; returns the exit status."""
     p = cli.parser("python -m tracking.consistency", __doc__)
     p.add_argument("config", help="experiment file, e.g. experiments/stage3.yaml")
     cli.add(p, "--seeds", int, 1, unset=5, help="how many seeds (default 5)")
@@ -61,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    with sigterm_as_interrupt(), runs.tracked_run(run_name=f"{cfg.stage}-consistency",
-                                                       tags={"stage": f"{cfg.stage}-consistency"}):
+    with runs.tracked_run(run_name=f"{cfg.stage}-consistency", tags={"stage": f"{cfg.stage}-consistency"}):
         mlflow.log_params({**C.flatten(cfg), "seeds": args.seeds, "first_seed": args.first_seed})
         outcomes = []
         for seed in seeds:

@@ -3,12 +3,12 @@
 `mlflow run` (3.17) creates the run before our command starts and hands it over as MLFLOW_RUN_ID,
 which `mlflow.start_run` deletes from our environment: `attach()` reads it at our start. Then:
 
-- a bad value leaves that run behind: `Parent.end_run` ends it FAILED with the reason;
+- a bad value leaves that run behind: `Parent.fail` ends it FAILED with the reason;
 - it does not pass SIGTERM on to our command: Linux's parent-death signal does, when `mlflow run`
   dies (the bash that runs the MLproject command replaces itself by our command, so our parent
   is `mlflow run` itself);
 - on Ctrl-C it sends our command SIGTERM on top of the terminal's SIGINT, at a moment of its
-  choosing (runs.Interrupts takes both as one request), and once our command has exited it sets
+  choosing (signals.Interrupts takes both as one request), and once our command has exited it sets
   the run's status itself, FAILED on any non-zero exit, even over the KILLED we set (its "already
   terminated?" check compares the status string with integer states).
 
@@ -17,6 +17,10 @@ session of its own (a terminal's Ctrl-C does not reach it). Our command tells it
 the status it ended the run with; the keeper reads until our command has exited, however it
 ended, waits until `mlflow run` has exited too, so that nothing writes the status after it, and
 then puts our status back over a FAILED. No step depends on which process gets there first.
+
+Every entry point that may run under `mlflow run` (stage, consistency, search, confirm, tune,
+promote) runs its body through `run_entry_point`, the one place for this: the keeper, signals
+taken as one request to the last line, and `Parent.settle` at the end.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import psutil
 
 from tracking.liveness import pid_is_owner
+from tracking.signals import Interrupts, exit_code
 
 # MLflow is imported in the functions that use it: the keeper runs this module and idles
 # through the training without it.
 
 WAIT_S = 3600  # longest wait for `mlflow run` to exit after our command did
 STORE_RETRY_S = 600  # how long the keeper retries a store that fails (a busy SQLite file)
+SIGNAL_EXITS = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the shell's 130 and 143
 
 
 @dataclass
@@ -54,22 +61,62 @@ class Parent:
         with contextlib.suppress(OSError):  # a keeper already gone: mlflow run's status stays
             os.write(self.report_fd, f"{status}\n".encode())
 
-    def end_run(self, status: str, error: str | None = None) -> None:
-        """Ends the run `mlflow run` made, before ours began: a bad value (FAILED, the reason as
-        tag `error`, so the UI says why) or an interrupt (KILLED)."""
+    def fail(self, error: str) -> None:
+        """Ends the run `mlflow run` made FAILED before ours began (a bad value), with the reason
+        as tag `error`, so the UI says why."""
+        import mlflow
+
+        from tracking.store import check_store
+
+        with contextlib.suppress(Exception):  # the store may be the problem; the message is printed anyway
+            check_store()  # an unusable store fails in seconds, not after MLflow's retries
+            mlflow.MlflowClient().set_tag(self.run_id, "error", error[:5000])
+            mlflow.MlflowClient().set_terminated(self.run_id, "FAILED")
+
+    def settle(self, code: int) -> None:
+        """After our command, however it ended (exit status `code`): the status it ended the run
+        with stays, over the one `mlflow run` writes from `code`. A run it left RUNNING (bad input,
+        a signal before the run began, a command that logs into no run) ends here: KILLED after
+        a signal, FAILED after an error; after success `mlflow run` ends it FINISHED."""
         import mlflow
 
         from tracking.store import check_store
 
         try:
-            check_store()  # an unusable store fails in seconds, not after MLflow's retries
+            check_store()
             client = mlflow.MlflowClient()
-            if error:
-                client.set_tag(self.run_id, "error", error[:5000])
-            client.set_terminated(self.run_id, status)
-        except Exception:  # noqa: BLE001 - the store may be the problem; the message is printed anyway
+            status = client.get_run(self.run_id).info.status
+            if status == "RUNNING":
+                if code == 0:
+                    return
+                status = "KILLED" if code in SIGNAL_EXITS else "FAILED"
+                client.set_terminated(self.run_id, status)
+        except Exception:  # noqa: BLE001 - a store gone away: mlflow run's status stays
             return
-        self.keep(status)
+        if status != ("FINISHED" if code == 0 else "FAILED"):  # what mlflow run writes
+            self.keep(status)
+
+
+def run_entry_point(body: Callable[[Optional[Parent]], int]) -> int:
+    """Runs an entry point's `body` (given `mlflow run`'s Parent, or None outside it) and returns
+    its exit status. Ctrl-C and SIGTERM are one request (signals.Interrupts) to the last line, so
+    `mlflow run`'s SIGTERM after the terminal's SIGINT cuts no run's end short; the runs a body
+    trains pick that one up (runs.run_training)."""
+    parent = attach()  # first: `mlflow.start_run` takes MLFLOW_RUN_ID from the environment
+    code = 1  # an exception escaping the body
+    with Interrupts().installed():
+        try:
+            code = body(parent)
+        except KeyboardInterrupt as exc:
+            code = exit_code(exc)
+            raise
+        except SystemExit as exc:  # --help
+            code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+            raise
+        finally:
+            if parent is not None:
+                parent.settle(code)
+    return code
 
 
 def attach() -> Parent | None:

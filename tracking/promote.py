@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist, load_mnist
 from mnist_mlflow.evaluation import evaluate
-from tracking import cli
+from tracking import cli, mlflow_run
 from tracking.candidates import (METRIC, AccuracyMismatch, Candidate, Criteria, NoCandidate,
                                  PromotionError, no_candidate_message, param_int, select_run)
 from tracking.registry import check_ours, complete, find_version, register
@@ -183,6 +183,12 @@ def parser() -> cli.Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return mlflow_run.run_entry_point(lambda _parent: command(argv))
+
+
+def command(argv: list[str] | None) -> int:
+    """Promotion from the command line; returns the exit status. Under `mlflow run` it logs
+    into no run: that run ends with the exit status (mlflow_run.Parent.settle)."""
     try:
         args = parser().parse_args(argv)
         cli.check_server()

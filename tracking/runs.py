@@ -121,8 +121,8 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
     With `checkpoints`, the training state is logged after every epoch; `resume_run_id`
     continues that (unfinished) run from its last checkpoint, in the same MLflow run.
     `cfg.threads` is resolved once here and logged (a resume reuses the run's number).
-    Ctrl-C and SIGTERM follow `interrupts` (a caller's, installed for longer: a process's),
-    or Interrupts installed for this run.
+    Ctrl-C and SIGTERM follow `interrupts`, by default the process's (an entry point's, see
+    tracking/mlflow_run.run_entry_point), or Interrupts installed for this run.
     """
     state = load_checkpoint(resume_run_id) if resume_run_id else None
     mnist, splits = prepare(cfg, mnist)
@@ -157,7 +157,7 @@ def run_training(cfg: C.RunConfig, *, mnist: Mnist | None = None, run_name: str 
 
     start = ({"run_id": resume_run_id} if resume_run_id else
              {"run_name": run_name or cfg.stage, "nested": nested, "tags": {"stage": cfg.stage, **(tags or {})}})
-    interrupts = interrupts if interrupts is not None else Interrupts()
+    interrupts = interrupts if interrupts is not None else Interrupts.current()
     # installed around the run, so that the run's end, too, is safe from a second signal
     with interrupts.installed(), tracked_run(log_system_metrics=True, **start) as run:
         if state is None:  # a resumed run has all of this already

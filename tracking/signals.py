@@ -1,4 +1,8 @@
-"""Ctrl-C and SIGTERM as one interrupt, which ends a run KILLED and never mid-write."""
+"""Ctrl-C and SIGTERM as one interrupt, which ends a run KILLED and never mid-write.
+
+An entry point installs one `Interrupts` for its whole life (mlflow_run.run_entry_point); the
+runs it trains share it (`Interrupts.current`).
+"""
 
 from __future__ import annotations
 
@@ -20,24 +24,6 @@ def exit_code(exc: KeyboardInterrupt) -> int:
     return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM raises `Interrupted` so a run ends KILLED rather than vanishing."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class Interrupts:
     """Ctrl-C and SIGTERM while installed: the first one is the request to stop.
 
@@ -52,6 +38,14 @@ class Interrupts:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._deferring = self._installed = False
+
+    @classmethod
+    def current(cls) -> "Interrupts":
+        """The one installed in this process (an entry point's, for its whole life), else a new
+        one. A run trained inside an entry point shares its request: with one of its own,
+        `mlflow run`'s SIGTERM after the Ctrl-C that stopped the run would reach the entry
+        point's as a first request and cut the end of the entry point's own run short."""
+        return _installed[-1] if _installed else cls()
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -91,9 +85,14 @@ class Interrupts:
             yield self
             return
         self._installed = True
+        _installed.append(self)
         try:
             yield self
         finally:
+            _installed.remove(self)
             self._installed = False
             for s, handler in zip(sigs, previous):
                 signal.signal(s, handler)
+
+
+_installed: list[Interrupts] = []  # innermost last; signal handlers are the process's, so is this

@@ -9,7 +9,6 @@ uninterrupted run would have had.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 import mlflow
@@ -20,7 +19,7 @@ from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from mnist_mlflow.train import Diverged, resolve_device
 from tracking import checkpoints, cli, mlflow_run, runs
-from tracking.signals import Interrupts
+from tracking.signals import exit_code
 from tracking.store import check_store
 
 
@@ -102,13 +101,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parent = mlflow_run.attach()  # first: `mlflow.start_run` takes MLFLOW_RUN_ID from the environment
-    interrupts = Interrupts()
-    with interrupts.installed():  # to the last line: a second signal must not cut the run's end short
-        return run_stage(argv, interrupts, parent)
+    return mlflow_run.run_entry_point(lambda parent: run_stage(argv, parent))
 
 
-def run_stage(argv: list[str] | None, interrupts: Interrupts, parent: mlflow_run.Parent | None) -> int:
+def run_stage(argv: list[str] | None, parent: mlflow_run.Parent | None) -> int:
     """The stage, under `mlflow run` (`parent`) or not; returns the exit status."""
     try:
         args = parser().parse_args(argv)
@@ -116,25 +112,22 @@ def run_stage(argv: list[str] | None, interrupts: Interrupts, parent: mlflow_run
     except (SetupError, C.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if parent is not None:
-            parent.end_run("FAILED", error=str(exc))
+            parent.fail(str(exc))
         return 2
     except KeyboardInterrupt as exc:
-        if parent is not None:  # the run `mlflow run` made is all there is: KILLED, not FAILED
-            parent.end_run("KILLED")
+        if parent is not None:  # the run `mlflow run` made is all there is: it ends KILLED
             exc.run_id = parent.run_id
         print(interrupted_line(exc), file=sys.stderr)
-        return 128 + getattr(exc, "signum", signal.SIGINT)
+        return exit_code(exc)
     if args.check:
         print(f"ok: {cfg.stage}, {cfg.optim.epochs} epochs, store {mlflow.get_tracking_uri()}")
         return 0
     try:
         outcome = runs.run_training(cfg, mnist=mnist, progress=not args.no_progress, checkpoints=True,
-                                    resume_run_id=args.resume or None, interrupts=interrupts)
-    except KeyboardInterrupt as exc:
-        if parent is not None and getattr(exc, "run_id", None) == parent.run_id:
-            parent.keep("KILLED")  # `mlflow run` writes FAILED over it as it exits
+                                    resume_run_id=args.resume or None)
+    except KeyboardInterrupt as exc:  # the run is KILLED (mlflow_run keeps it so under `mlflow run`)
         print(interrupted_line(exc), file=sys.stderr)
-        return 128 + getattr(exc, "signum", signal.SIGINT)  # the shell's convention: 130, 143
+        return exit_code(exc)  # the shell's convention: 130, 143
     except Diverged as exc:
         print(f"error: {exc}; run {getattr(exc, 'run_id', '?')} is FAILED", file=sys.stderr)
         return 1
@@ -144,6 +137,7 @@ def run_stage(argv: list[str] | None, interrupts: Interrupts, parent: mlflow_run
     print(outcome.summary(cfg), end="")
     print(f"run_id: {outcome.run_id}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ its own child run, created here and handed to the step's process through ``MLFLO
 The parent records each step's run id (tags ``step.<name>.run_id``), the study and storage, and
 the promoted version. A step that fails ends the chain: its run and the parent are FAILED, later
 steps never start. Exit codes: 0 promoted; 1 a step failed; 2 bad input (nothing created);
-130 interrupted.
+130 or 143 interrupted by Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
-from tracking import cli, confirm, promote, runs
-from tracking.signals import Interrupted, sigterm_as_interrupt
+from tracking import cli, confirm, mlflow_run, promote, runs
+from tracking.signals import exit_code
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
 from tracking.search.space import load_search
@@ -112,7 +112,7 @@ def run_step(step: Step, parent_id: str, experiment_id: str) -> str:
             lines.append(line)
         rc = proc.wait()
     except KeyboardInterrupt as exc:
-        rc = stop(proc, sigterm=isinstance(exc, Interrupted))
+        rc = stop(proc, sigterm=getattr(exc, "signum", None) == signal.SIGTERM)
         finish(client, run_id, rc, lines)
         raise
     finish(client, run_id, rc, lines)
@@ -201,6 +201,11 @@ def parser() -> cli.Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return mlflow_run.run_entry_point(lambda _parent: command(argv))
+
+
+def command(argv: list[str] | None) -> int:
+    """The checks, then the chain; returns the exit status."""
     try:
         args = parser().parse_args(argv)
         args.config = args.config or DEFAULT_CONFIG  # '' is MLproject's unset
@@ -212,14 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     try:
-        with sigterm_as_interrupt():
-            parent_id, version = run_tune(args, storage, study)
+        parent_id, version = run_tune(args, storage, study)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted: the chain's runs are KILLED", file=sys.stderr)
-        return 130
+        return exit_code(exc)
     print(f"tune run {parent_id}: models:/{args.model_name}@{promote.ALIAS} is version {version}")
     return 0
 

@@ -10,14 +10,14 @@ from mlflow.exceptions import MlflowException
 import tracking.search
 from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError
-from tracking import cli, dashboard
+from tracking import cli, dashboard, mlflow_run
 from tracking.search import names as N
 from tracking.search import report
 from tracking.search.local import WorkersFailed
 from tracking.search.plan import CONFIG_FLAGS, DEFAULT_CONFIG, Options, resolve
 from tracking.search.run import SearchResult, run_search
 from tracking.search.study import HEARTBEAT_S
-from tracking.signals import exit_code, sigterm_as_interrupt
+from tracking.signals import exit_code
 
 
 def parser() -> cli.Parser:
@@ -82,6 +82,12 @@ def print_result(r: SearchResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return mlflow_run.run_entry_point(lambda _parent: command(argv))
+
+
+def command(argv: list[str] | None) -> int:
+    """The search and its exit status; under `mlflow run` the parent run is that command's
+    (parent.open_parent)."""
     try:
         opts = parse_args(argv)
         plan = resolve(opts)  # a bad file or flag fails before any storage, run or process exists
@@ -89,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        with sigterm_as_interrupt():
-            result = run_search(opts)
+        result = run_search(opts)
     except (C.ConfigError, DataError, MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

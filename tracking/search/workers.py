@@ -34,7 +34,7 @@ from tracking.search.plan import Plan
 from tracking.search.sampling import make_sampler
 from tracking.search.space import SearchSpec, make_pruner
 from tracking.search.study import HEARTBEAT_S, open_storage, sampler_seed
-from tracking.signals import exit_code, sigterm_as_interrupt
+from tracking.signals import Interrupts, exit_code
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,9 @@ def worker_main(job: WorkerJob) -> None:
     mlflow.set_tracking_uri(job.tracking_uri)
     mlflow.set_experiment(experiment_id=job.experiment_id)
     try:
-        with sigterm_as_interrupt():
+        # one request to the end (the trial's runs use it): the search's SIGTERM after a Ctrl-C
+        # that reached this process too must not cut the trial's end short
+        with Interrupts().installed():
             optimize(job)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the trial is recorded; no traceback
         sys.exit(exit_code(exc))
