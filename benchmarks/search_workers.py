@@ -12,12 +12,14 @@ Prints both times and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mnist_mlflow import config as C
+from tracking import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--epochs", "2", "--train-limit", "1000", "--test-limit", "300", "--set", "data.val_size=300",
@@ -43,16 +45,20 @@ def run_side(workers: int, trials: int, storage: str, tracking_uri: str, tag: st
     return time.monotonic() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.search_workers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.Parser:
+    p = cli.parser("python -m benchmarks.search_workers", __doc__)
     p.add_argument("--storage", required=True, help="Optuna RDB storage shared by the workers")
     p.add_argument("--tracking-uri", required=True, help="MLflow tracking server (or store)")
-    p.add_argument("--trials", type=int, default=9)
-    p.add_argument("--workers", type=int, default=3)
-    a = p.parse_args(argv)
-    if a.trials < 1 or a.workers < 2:
-        p.error("--trials must be 1 or more and --workers 2 or more")
+    cli.add(p, "--trials", int, 1, unset=9, help="finished trials of each side (default 9)")
+    cli.add(p, "--workers", int, 2, unset=3, help="worker processes of the second side (default 3)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = parser().parse_args(argv)
+    except C.ConfigError as exc:
+        cli.exit_bad_input(exc)
     tag = time.strftime("%Y%m%d-%H%M%S")
     one = run_side(1, a.trials, a.storage, a.tracking_uri, tag)
     many = run_side(a.workers, a.trials, a.storage, a.tracking_uri, tag)

@@ -16,7 +16,6 @@ Run it on an otherwise quiet machine: the busy processes run at normal priority 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
@@ -32,6 +31,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow import threads as T
 from mnist_mlflow.data import load_mnist, make_splits
 from mnist_mlflow.train import fit
+from tracking import cli
 from tracking.runs import tracked_run
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
@@ -110,28 +110,39 @@ def csv_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def main(argv=None) -> list[Cell]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.shared_cores", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.Parser:
+    p = cli.parser("python -m benchmarks.shared_cores", __doc__)
     p.add_argument("--threads", default="1,2,auto", help="settings to compare (default %(default)s)")
     p.add_argument("--busy", default="0,1,2", help="busy processes beside the training (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-limit", type=int, default=20000)
-    p.add_argument("--test-limit", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--busy-nice", type=int, default=0, help="niceness of the busy processes")
-    p.add_argument("--settle", type=float, default=1.0, help="seconds between starting them and training")
+    cli.add(p, "--epochs", int, 1, unset=2, help="epochs of each measurement (default 2)")
+    cli.add(p, "--train-limit", int, 1, unset=20000, help="training images (default 20000)")
+    cli.add(p, "--test-limit", int, 1, unset=2000, help="test images (default 2000)")
+    cli.add(p, "--seed", int, 0, unset=1, help="the runs' seed (default 1)")
+    cli.add(p, "--busy-nice", int, unset=0, help="niceness of the busy processes (default 0)")
+    cli.add(p, "--settle", float, 0, unset=1.0, help="seconds between starting them and training (default 1)")
     p.add_argument("--no-track", action="store_true", help="print only, log nothing to MLflow")
-    args = p.parse_args(argv)
-    settings, reference_setting = csv_list(args.threads), str(T.TORCH_DEFAULT)
+    return p
+
+
+def settings_and_loads(args) -> tuple[list[str], list[int]]:
+    """The thread settings and the busy counts (0 added: quiet is the reference), or a ConfigError."""
+    loads = sorted(set(cli.int_list("busy", args.busy, 0)) | {0})
+    settings = csv_list(args.threads)
     try:
-        loads = sorted({int(b) for b in csv_list(args.busy)} | {0})  # quiet is the reference
         for s in settings:
             C.from_dict({"threads": s if s == "auto" else int(s)})
     except (ValueError, C.ConfigError) as exc:
-        p.error(f"--threads {args.threads!r} / --busy {args.busy!r}: {exc}")
-    if min(loads) < 0 or args.epochs < 1:
-        p.error("--busy counts must be >= 0 and --epochs >= 1")
+        raise C.ConfigError(f"--threads {args.threads!r}: {exc}") from None
+    return settings, loads
+
+
+def main(argv=None) -> list[Cell]:
+    try:
+        args = parser().parse_args(argv)
+        settings, loads = settings_and_loads(args)
+    except C.ConfigError as exc:
+        cli.exit_bad_input(exc)
+    reference_setting = str(T.TORCH_DEFAULT)
     if reference_setting not in settings:
         settings.append(reference_setting)  # today's default must be measured quiet
     cfg = C.replace(C.load(STAGE3), {"optim.epochs": args.epochs, "data.train_limit": args.train_limit,

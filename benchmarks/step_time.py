@@ -15,7 +15,6 @@ variant's speed per step relative to the first. Variants are overrides of experi
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
@@ -27,6 +26,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow import threads as T
 from mnist_mlflow.data import load_mnist, make_splits
 from mnist_mlflow.train import fit
+from tracking import cli
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
 
@@ -39,13 +39,17 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name, [item for item in rest.split(",") if item]
 
 
-def main(argv=None) -> dict[str, list[float]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.Parser:
+    p = cli.parser("python -m benchmarks.step_time", __doc__)
     p.add_argument("variants", nargs="+", help="NAME:KEY=VALUE,... (the first is the reference)")
-    p.add_argument("--batches", type=int, default=150)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args(argv)
+    cli.add(p, "--batches", int, 1, unset=150, help="batches per epoch (default 150)")
+    cli.add(p, "--repeats", int, 1, unset=5, help="epochs of each variant, in turn (default 5)")
+    return p
+
+
+def main(argv=None) -> dict[str, list[float]]:
     try:
+        args = parser().parse_args(argv)
         specs = [parse_variant(v) for v in args.variants]
         # one thread count for every variant, decided once (auto: the cores free now)
         forced = {"data.test_limit": 256, "optim.epochs": 1, "device": "cpu",
@@ -53,10 +57,10 @@ def main(argv=None) -> dict[str, list[float]]:
         configs = {name: C.load(STAGE3, overrides) for name, overrides in specs}
         configs = {name: C.replace(cfg, {**forced, "data.train_limit": cfg.optim.batch_size * args.batches})
                    for name, cfg in configs.items()}
+        if len(configs) != len(specs):
+            raise C.ConfigError("variant names must differ")
     except C.ConfigError as exc:
-        p.error(str(exc))
-    if len(configs) != len(specs):
-        p.error("variant names must differ")
+        cli.exit_bad_input(exc)
     mnist = load_mnist()
     splits = {name: make_splits(mnist, train_limit=cfg.data.train_limit, test_limit=256)
               for name, cfg in configs.items()}

@@ -228,27 +228,35 @@ def threads_setting(value: str) -> int | str:
     if value.strip() in ("", T.AUTO):  # `mlflow run` passes unset parameters as ""
         return T.AUTO
     if not value.strip().isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: a positive count or auto")
+        raise argparse.ArgumentTypeError(f"--threads={value!r} is not allowed: a positive count or auto")
     return int(value)
 
 
-def main(argv=None) -> list[tuple[C.RunConfig, Outcome]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.Parser:
+    p = cli.parser("python -m benchmarks.time_to_hold", __doc__)
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--epochs", type=cli.typed("epochs"), default=None,
-                   help="every variant's optim.epochs (default: its own, 15 before, stage 3's after)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--train-limit", type=cli.typed("train-limit"), default=None, help="default: all 60,000 images")
-    p.add_argument("--test-limit", type=cli.typed("test-limit"), default=None, help="default: all 10,000 images")
+    cli.add(p, "--epochs", int, 1, help="every variant's optim.epochs (default: its own, 15 before, "
+                                        "stage 3's after)")
+    cli.add(p, "--seed", int, 0, unset=1, help="every variant's seed (default 1)")
+    cli.add(p, "--train-limit", int, 1, help="default: all 60,000 images")
+    cli.add(p, "--test-limit", int, 1, help="default: all 10,000 images")
     p.add_argument("--threads", type=threads_setting, default="auto",
                    help="torch threads for every variant: a count, or auto (default)")
     p.add_argument("--no-track", action="store_true", help="print only, log nothing to MLflow")
-    args = p.parse_args(argv)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        p.error(f"--variants {args.variants!r}: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    return p
+
+
+def main(argv=None) -> list[tuple[C.RunConfig, Outcome]]:
+    try:
+        args = parser().parse_args(argv)
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in names if v not in VARIANTS]
+        if unknown or not names:
+            raise C.ConfigError(f"--variants {args.variants!r}: unknown {unknown}; "
+                                f"allowed: {', '.join(VARIANTS)}")
+    except C.ConfigError as exc:
+        cli.exit_bad_input(exc)
     # one thread count for every variant, decided once (auto: the cores free now), so they compare
     forced = {"seed": args.seed, "device": "cpu", "data.train_limit": args.train_limit,
               "data.test_limit": args.test_limit, "threads": T.resolve(args.threads)}

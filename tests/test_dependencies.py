@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata as md
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -45,3 +46,10 @@ def test_every_imported_package_is_declared_pinned_in_pyproject_and_conda():
     undeclared = {module: owners.get(module) for module in imported_modules()
                   if not any(re.sub(r"[-_.]+", "-", d).lower() in declared for d in owners.get(module, []))}
     assert undeclared == {}
+
+
+def test_every_code_folder_is_checked():
+    """A new package (or a script beside the packages) would otherwise import undeclared code unseen."""
+    tracked = {path.parts[0] for path in map(Path, subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split())}
+    assert tracked - {"tests"} == OURS

@@ -76,7 +76,8 @@ class Candidate:
 
 def finished_runs(client: MlflowClient, exp_ids: list[str],
                   parent_run_id: Optional[str] = None) -> Iterator[Run]:
-    """Oldest first, page by page: the first qualifying run is often early."""
+    """Oldest first, page by page: the first qualifying run is often early (mlflow.search_runs
+    would read every page before the first run is looked at)."""
     token = None
     where = "attributes.status = 'FINISHED'"
     if parent_run_id:

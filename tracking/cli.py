@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import mlflow
 
@@ -44,6 +45,12 @@ class Parser(argparse.ArgumentParser):
 
 def parser(prog: str, doc: str | None) -> Parser:
     return Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def exit_bad_input(exc: C.ConfigError) -> NoReturn:
+    """For entry points whose main returns data, not an exit code (the benchmarks): one line, exit 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def value(name: str, text: Optional[str], kind: type = int, minimum: float | None = None) -> Any:

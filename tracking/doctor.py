@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
@@ -26,22 +27,19 @@ from mnist_mlflow import config as C
 from tracking import cli, liveness
 
 
-def running_runs(client: MlflowClient, experiment: Optional[str]) -> Iterator[Run]:
+def running_runs(experiment: Optional[str]) -> list[Run]:
+    """RUNNING runs, oldest first, of `experiment` or of every experiment (deleted ones too)."""
     if experiment:
-        exp = client.get_experiment_by_name(experiment)
+        exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
             raise MlflowException(f"--experiment {experiment!r} does not exist")
         ids = [exp.experiment_id]
     else:
-        ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-    token = None
-    while ids:
-        page = client.search_runs(ids, "attributes.status = 'RUNNING'", run_view_type=ViewType.ALL,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
+        ids = [e.experiment_id for e in mlflow.search_experiments(view_type=ViewType.ALL)]
+    if not ids:  # mlflow.search_runs would search the active experiment instead
+        return []
+    return mlflow.search_runs(ids, "attributes.status = 'RUNNING'", run_view_type=ViewType.ALL,
+                              order_by=["attributes.start_time ASC"], output_format="list")
 
 
 def mark_failed(client: MlflowClient, run_id: str, stale_s: float) -> Optional[liveness.Verdict]:
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.check_server()
         client = MlflowClient()
         found = [(run, liveness.judge(run, args.stale_after))
-                 for run in running_runs(client, args.experiment or None)]
+                 for run in running_runs(args.experiment or None)]
         dead = [run for run, v in found if v.dead]
         for run, v in found:
             print(f"{v.state:<7} {run.info.run_id}  {run.info.run_name or '-'}: {v.reason}")

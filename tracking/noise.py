@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -71,8 +72,8 @@ def curves(client: MlflowClient, experiment: str) -> list[Curves]:
     if exp is None:
         raise C.ConfigError(f"--experiment {experiment!r} does not exist in {client.tracking_uri}")
     out = []
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"], max_results=5000)
+    runs = mlflow.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], output_format="list")
     for run in runs:
         val = history(client, run.info.run_id, "val_accuracy")
         if not val:

@@ -21,6 +21,7 @@ Exit codes: 0 promoted, already promoted or dry run; 1 no qualifying run;
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import sys
@@ -165,13 +166,11 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: Optional[float] = None
 
 def parser() -> cli.Parser:
     p = cli.parser("python -m tracking.promote", __doc__)
-    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    add_step_arguments(p)
     # --stage-config and --from-experiment: elsewhere --config is a search file and
     # --experiment where runs go; here they are the criteria's file and a filter
     p.add_argument("--stage-config", dest="config", default=str(cli.STAGE3),
                    help="experiment file whose target and budget apply (default %(default)s)")
-    cli.add(p, "--target", float, help="test accuracy in percent (default: the file's target.accuracy)")
-    cli.add(p, "--hold", int, help="consecutive epochs at or above target (default: target.hold)")
     p.add_argument("--from-experiment", dest="experiment", default="",
                    help="only runs of this experiment (default: all experiments)")
     p.add_argument("--parent-run-id", default="", help="only the child runs of this run "
@@ -180,6 +179,15 @@ def parser() -> cli.Parser:
     p.add_argument("--dry-run", nargs="?", const="true", default="false", type=cli.typed("dry-run", bool),
                    help="report what would be promoted, register nothing")
     return p
+
+
+def add_step_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
+    """The model's name and what qualifies (`what`: how tune names the step)."""
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help=f"{what}registered model "
+                                                                    "(default %(default)s)")
+    cli.add(p, "--target", float, help=f"{what}test accuracy in percent (default: the stage file's "
+                                       "target.accuracy; a quick look on tiny data needs a lower one)")
+    cli.add(p, "--hold", int, help=f"{what}consecutive epochs at or above target (default: target.hold)")
 
 
 def main(argv: list[str] | None = None) -> int:

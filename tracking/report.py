@@ -17,6 +17,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib.backend_bases import FigureCanvasBase
+import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -48,7 +49,7 @@ def rows(experiments: str | list[str], stage: str | None = None) -> list[dict]:
         ids.append(exp.experiment_id)
     query = "attributes.status = 'FINISHED'" + (f" and tags.stage = '{stage}'" if stage else "")
     out = []
-    for run in client.search_runs(ids, query, order_by=["attributes.start_time ASC"], max_results=5000):
+    for run in mlflow.search_runs(ids, query, order_by=["attributes.start_time ASC"], output_format="list"):
         m, p = run.data.metrics, run.data.params
         if "best_test_accuracy" not in m:
             continue

@@ -16,7 +16,6 @@ when that is unset, with a generated password printed once.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import secrets
@@ -24,6 +23,9 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+from mnist_mlflow import config as C
+from tracking import cli
 
 AUTH_INI = """[mlflow]
 default_permission = READ
@@ -96,23 +98,26 @@ def enable_auth(database_uri: str) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tracking.server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.Parser:
+    p = cli.parser("python -m tracking.server", __doc__)
     p.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     p.add_argument("--artifacts-destination", default=str(Path("mlartifacts").resolve()))
     p.add_argument("--host", default="127.0.0.1", help="beyond loopback, use --auth or a firewall")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--workers", type=int, default=2)
+    cli.add(p, "--port", int, unset=5000, help="port to listen on (default 5000)")
+    cli.add(p, "--workers", int, 1, unset=2, help="server processes (default 2)")
     p.add_argument("--auth", action="store_true", help="require a user and password (MLflow basic auth)")
     p.add_argument("--auth-database-uri", default=f"sqlite:///{Path('mlflow-auth.db').resolve()}",
                    help="where --auth keeps users and permissions")
-    args = p.parse_args(argv)
-    if not 0 < args.port < 65536:
-        print(f"error: --port={args.port} is not allowed: 1-65535", file=sys.stderr)
-        return 2
-    if args.workers < 1:
-        print(f"error: --workers={args.workers} is not allowed: 1 or more", file=sys.stderr)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+        if not 0 < args.port < 65536:
+            raise C.ConfigError(f"--port={args.port} is not allowed: 1-65535")
+    except C.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.auth:
         error = enable_auth(args.auth_database_uri)

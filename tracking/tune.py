@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -36,6 +37,7 @@ from mlflow.exceptions import MlflowException
 from mnist_mlflow import config as C
 from tracking import cli, confirm, mlflow_run, promote, runs
 from tracking.signals import exit_code
+from tracking.search import cli as search_cli
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
 from tracking.search.space import load_search
@@ -57,38 +59,42 @@ class Step:
 
 # ---------------------------------------------------------------- the steps' commands
 
-def _flags(pairs: list[tuple[str, str]]) -> list[str]:
-    """``--flag value`` for every value that is set ('' is MLproject's unset)."""
-    return [x for flag, value in pairs if value not in ("", None) for x in (flag, str(value))]
+# Tune's flags that each step takes as its own, by argparse dest; the step's parser spells them.
+SEARCH_FLAGS = ("n_trials", "budget_minutes", *confirm.CONFIG_FLAGS, "overrides")
+CONFIRM_FLAGS = ("top", "seeds", "precisions", "threads", "final_seeds", "final_precisions",
+                 *confirm.CONFIG_FLAGS, "overrides")
+PROMOTE_FLAGS = ("model_name", "target", "hold")
 
 
-def _sets(args: argparse.Namespace) -> list[str]:
-    return [x for item in args.overrides if item.strip() for x in ("--set", item)]
+def step_argv(module: str, step_parser: argparse.ArgumentParser, values: dict[str, Any]) -> list[str]:
+    """``python -m module`` with the step's own flag for each value that is set ('' is MLproject's
+    unset); a list is a repeated flag (``--set``)."""
+    flags = {a.dest: max(a.option_strings, key=len) for a in step_parser._actions if a.option_strings}
+    argv = [sys.executable, "-m", module]
+    for dest, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and str(item).strip():
+                argv += [flags[dest], str(item)]
+    return argv
+
+
+def given(args: argparse.Namespace, dests: tuple[str, ...]) -> dict[str, Any]:
+    return {dest: getattr(args, dest) for dest in dests}
 
 
 def search_step(args: argparse.Namespace, storage: str, study: str) -> Step:
-    return Step("search", [sys.executable, "-m", "tracking.search", "--config", args.config,
-                           "--storage", storage, "--study-name", study]
-                + _flags([("--n-trials", args.n_trials), ("--budget-minutes", args.budget_minutes),
-                          ("--epochs", args.epochs),
-                          ("--train-limit", args.train_limit), ("--test-limit", args.test_limit)])
-                + _sets(args))
+    return Step("search", step_argv("tracking.search", search_cli.parser(), {
+        "config": args.config, "storage": storage, "study_name": study, **given(args, SEARCH_FLAGS)}))
 
 
 def confirm_step(args: argparse.Namespace, storage: str, study: str) -> Step:
-    return Step("confirm", [sys.executable, "-m", "tracking.confirm", "--config", args.config,
-                            "--storage", storage, "--study-name", study]
-                + _flags([("--top", args.top), ("--seeds", args.seeds), ("--precisions", args.precisions),
-                          ("--threads", args.threads), ("--final-seeds", args.final_seeds),
-                          ("--final-precisions", args.final_precisions), ("--epochs", args.epochs),
-                          ("--train-limit", args.train_limit), ("--test-limit", args.test_limit)])
-                + _sets(args))
+    return Step("confirm", step_argv("tracking.confirm", confirm.parser(), {
+        "config": args.config, "storage": storage, "study_name": study, **given(args, CONFIRM_FLAGS)}))
 
 
 def promote_step(args: argparse.Namespace, confirm_run_id: str) -> Step:
-    return Step("promote", [sys.executable, "-m", "tracking.promote", "--model-name", args.model_name,
-                            "--parent-run-id", confirm_run_id]
-                + _flags([("--target", args.target), ("--hold", args.hold)]))
+    return Step("promote", step_argv("tracking.promote", promote.parser(), {
+        **given(args, PROMOTE_FLAGS), "parent_run_id": confirm_run_id}))
 
 
 # ---------------------------------------------------------------- running one step
@@ -188,14 +194,8 @@ def parser() -> cli.Parser:
     confirm.add_step_arguments(p, {"top": "2", "seeds": "2", "precisions": "fp32",
                                    "threads": "2", "final_seeds": "10",
                                    "final_precisions": "fp32"}, what="confirm: ")
-    cli.add(p, "--n-trials", int, 1, help="search: trials (default: the search file's)")
-    cli.add(p, "--budget-minutes", float, 0, help="search: minutes after which no trial starts "
-                                                  "(default: the search file's)")
-    p.add_argument("--model-name", default=promote.DEFAULT_MODEL_NAME)
-    # promote's own flags, passed on as they are: only the promote step has a target
-    cli.add(p, "--target", float, help="promote: test accuracy in percent (default: the stage 3 "
-                                       "file's target.accuracy); a quick look on tiny data needs a lower one")
-    cli.add(p, "--hold", int, 1, help="promote: consecutive epochs at or above it (default: target.hold)")
+    search_cli.add_trial_arguments(p, what="search: ")
+    promote.add_step_arguments(p, what="promote: ")  # only the promote step has a target
     cli.add_experiment(p)
     return p
 

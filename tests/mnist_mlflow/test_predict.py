@@ -1,4 +1,4 @@
-"""Preprocessing and the predict CLI on real MNIST digits re-encoded as 'photos'.
+"""Preprocessing and the predict CLI (tracking/predict.py) on real MNIST digits re-encoded as 'photos'.
 
 The 28x28 test digits are inverted (dark on light), enlarged 3-5x, put off-centre on a
 larger canvas and saved as PNG and JPEG; preprocessing must bring them back to what the
@@ -8,6 +8,8 @@ model saw in training, so that it gives the same answer as for the originals.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -19,6 +21,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow import predict as PR
 from mnist_mlflow import preprocess as PP
 from tests.conftest import ROOT, use_fresh_store
+from tracking import predict as predict_cli
 from tracking.runs import run_training
 
 # one worker under pytest-xdist (--dist loadgroup): the module-scoped model is trained once
@@ -43,7 +46,7 @@ def model_uri(tmp_path_factory, mnist) -> str:
 
 @pytest.fixture(scope="module")
 def model(model_uri):
-    return PR.load_model(model_uri)
+    return predict_cli.load_model(model_uri)
 
 
 def as_photo(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -177,11 +180,19 @@ def test_a_huge_image_gets_its_own_error_before_decoding_and_the_rest_are_read(t
     assert bad.file == str(huge) and bad.error.startswith("40000x40000 pixels is over the limit of 50,000,000")
 
 
-def test_the_pixel_limit_is_configurable(tmp_path, photos):
+def test_the_pixel_limit_is_configurable(tmp_path, photos, capsys):
     good = str(photos[0][1])
     _, ok, failed = PR.read_images([good], max_pixels=100)
     assert ok == [] and "over the limit of 100 (--max-pixels)" in failed[0].error
-    assert PR.main([good, "--max-pixels", "0"]) == 2
+    assert predict_cli.main([good, "--max-pixels", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-pixels='0' is not allowed: 1 or more\n"
+
+
+@pytest.mark.slow  # a process of its own
+def test_the_documented_command_runs_the_cli(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mnist_mlflow.predict", str(tmp_path / "x.png"),
+                          "--max-pixels", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert (out.returncode, out.stderr) == (2, "error: --max-pixels='0' is not allowed: 1 or more\n")
 
 
 def test_an_unreachable_tracking_server_fails_predict_within_seconds(photos, monkeypatch, capsys):
@@ -196,7 +207,7 @@ def test_an_unreachable_tracking_server_fails_predict_within_seconds(photos, mon
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     started = time.monotonic()
     try:
-        assert PR.main([str(photos[0][1]), "--model", "models:/mnist-8k@champion"]) == 2
+        assert predict_cli.main([str(photos[0][1]), "--model", "models:/mnist-8k@champion"]) == 2
     finally:
         mlflow.set_tracking_uri(previous)
     assert time.monotonic() - started < 60
@@ -241,7 +252,7 @@ def test_cli_reports_bad_files_and_still_classifies_the_rest(tmp_path, photos, m
     good = [str(photos[0][1]), str(photos[3][1])]
     files = [good[0], str(empty), str(text), str(missing), good[1]]
 
-    code = PR.main([*files, "--model", model_uri, "--json"])
+    code = predict_cli.main([*files, "--model", model_uri, "--json"])
 
     assert code == 1
     rows = json.loads(capsys.readouterr().out)
@@ -256,7 +267,7 @@ def test_cli_reports_bad_files_and_still_classifies_the_rest(tmp_path, photos, m
 
 def test_cli_text_output_and_exit_0_when_all_files_are_fine(photos, model_uri, capsys):
     files = [str(p) for _, p in photos[:2]]
-    assert PR.main([*files, "--model", model_uri]) == 0
+    assert predict_cli.main([*files, "--model", model_uri]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for line, f in zip(lines, files):
@@ -264,5 +275,5 @@ def test_cli_text_output_and_exit_0_when_all_files_are_fine(photos, model_uri, c
 
 
 def test_cli_exits_2_for_a_model_that_cannot_be_loaded(photos, model_uri, capsys):
-    assert PR.main([str(photos[0][1]), "--model", "models:/no-such-model@champion"]) == 2
+    assert predict_cli.main([str(photos[0][1]), "--model", "models:/no-such-model@champion"]) == 2
     assert "could not load model 'models:/no-such-model@champion'" in capsys.readouterr().err

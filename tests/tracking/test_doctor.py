@@ -91,6 +91,20 @@ def test_doctor_fixes_only_dead_runs_and_rejudges_before_marking(tracking_uri, c
     assert client.get_run(again).info.status == "RUNNING"
 
 
+def test_running_runs_of_every_experiment_deleted_ones_too_oldest_first(tracking_uri):
+    client = MlflowClient()
+    first = make_run({})
+    time.sleep(0.01)  # start times in milliseconds
+    other = client.create_experiment("other")
+    second = client.create_run(other, tags={}).info.run_id
+    client.delete_experiment(other)
+    client.set_terminated(make_run({}), "FINISHED")
+    assert [r.info.run_id for r in doctor.running_runs(None)] == [first, second]
+    assert [r.info.run_id for r in doctor.running_runs("doctor")] == [first]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="'nowhere' does not exist"):
+        doctor.running_runs("nowhere")
+
+
 STAGE_ARGS = ["--train-limit", "1000", "--test-limit", "200", "--set", "optim.batch_size=32",
               "--set", "threads=1", "--experiment", "doctor", "--no-progress"]
 

@@ -18,9 +18,15 @@ from tests.services import free_port, stop, wait_until
 from tracking import runs, server
 
 
-def test_bad_server_arguments_are_refused(capsys):
-    assert server.main(["--port", "0"]) == 2
-    assert "--port=0 is not allowed" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "0"], "--port=0 is not allowed: 1-65535"),
+    (["--port", "http"], "--port='http' is not an integer"),
+    (["--workers", "0"], "--workers='0' is not allowed: 1 or more"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_server_arguments_are_refused_in_one_line(capsys, argv, message):
+    assert server.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_binding_beyond_loopback_without_auth_warns(capsys, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 import mlflow
 import pytest
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, write_search
 from tracking import confirm, promote, report, tune
+from tracking.search import cli as search_cli
 
 QUICK = "data.val_size=500 device=cpu optim.batch_size=32 optim.ema_decay=0.9"
 
@@ -42,6 +44,34 @@ def test_bad_input_exits_2_before_any_run(tmp_path, env, capsys, extra, message)
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_each_step_reads_tunes_flags_with_its_own_parser():
+    args = tune.parser().parse_args([
+        "--n-trials", "3", "--budget-minutes", "1.5", "--epochs", "2", "--train-limit", "1000",
+        "--set", "data.val_size=500 device=cpu", "--set", "optim.lr=0.01", "--top", "1",
+        "--precisions", "bf16,fp32", "--final-seeds", "3", "--model-name", "m", "--target", "20",
+        "--hold", "1", "--experiment", "not passed on"])
+    steps = [(tune.search_step(args, "sqlite:///s.db", "study"), "tracking.search", search_cli.parser(),
+              tune.SEARCH_FLAGS),
+             (tune.confirm_step(args, "sqlite:///s.db", "study"), "tracking.confirm", confirm.parser(),
+              tune.CONFIRM_FLAGS),
+             (tune.promote_step(args, "confirm-run"), "tracking.promote", promote.parser(),
+              tune.PROMOTE_FLAGS)]
+    for step, module, step_parser, dests in steps:
+        assert step.argv[:3] == [sys.executable, "-m", module]
+        got = step_parser.parse_args(step.argv[3:])
+        assert {d: getattr(got, d) for d in dests} == {d: getattr(args, d) for d in dests}, module
+        assert "--experiment" not in step.argv and "--from-experiment" not in step.argv
+    search, confirmed, promoted = (p.parse_args(s.argv[3:]) for s, _, p, _ in steps)
+    assert (search.n_trials, search.budget_minutes, search.test_limit) == (3, 1.5, None)
+    assert search.overrides == confirmed.overrides == ["data.val_size=500 device=cpu", "optim.lr=0.01"]
+    for got in (search, confirmed):
+        assert (got.config, got.storage, got.study_name) == (args.config, "sqlite:///s.db", "study")
+    assert (confirmed.top, confirmed.seeds, confirmed.precisions) == (1, 2, "bf16,fp32")  # tune's defaults
+    assert (promoted.model_name, promoted.target, promoted.hold, promoted.parent_run_id) == (
+        "m", 20.0, 1, "confirm-run")
+    assert promoted.config == str(ROOT / "experiments/stage3.yaml")  # not tune's search file
 
 
 @pytest.mark.slow  # the search step is a process of its own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import sqlalchemy.exc
@@ -23,7 +24,7 @@ from tracking.signals import exit_code
 def parser() -> cli.Parser:
     p = cli.parser("python -m tracking.search", tracking.search.__doc__)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
-    cli.add(p, "--n-trials", int, 1, help="trials in this invocation (default: the file's)")
+    add_trial_arguments(p)
     cli.add(p, "--study-trials", int, 1,
             help="shared search: run, with every worker started with the same study and "
                  "storage, until the whole study has this many finished trials")
@@ -33,8 +34,6 @@ def parser() -> cli.Parser:
     p.add_argument("--storage", default="", help="sqlite:///optuna.db (the file's default), "
                                                  "journal:<file>, or any SQLAlchemy URL")
     p.add_argument("--study-name", default="", help="Optuna study; same name + storage = resume")
-    cli.add(p, "--budget-minutes", float, 0, help="minutes after which no new trial starts "
-            "(default: the file's search.budget_minutes; a running trial finishes)")
     cli.add(p, "--timeout", float, 0, help="the same in seconds (wins over --budget-minutes)")
     cli.add(p, "--workers", int, 1, help="local worker processes (default: the file's search.workers)")
     cli.add(p, "--enqueue-base", bool, help="a new study's first trial is the file's base recipe "
@@ -49,6 +48,13 @@ def parser() -> cli.Parser:
                                "(repeatable; one argument may hold several, space-separated)")
     cli.add_experiment(p)
     return p
+
+
+def add_trial_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
+    """--n-trials and --budget-minutes (`what`: how tune names the step); unset, the file's."""
+    cli.add(p, "--n-trials", int, 1, help=f"{what}trials in this invocation (default: the file's)")
+    cli.add(p, "--budget-minutes", float, 0, help=f"{what}minutes after which no new trial starts "
+            "(default: the file's search.budget_minutes; a running trial finishes)")
 
 
 def parse_args(argv: list[str] | None) -> Options:

@@ -10,7 +10,7 @@ import logging
 import time
 import warnings
 from collections import Counter
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import mlflow
 import optuna
@@ -21,6 +21,9 @@ from mnist_mlflow import config as C
 from mnist_mlflow import figures  # its import also selects the headless matplotlib backend
 from tracking.search import names as N
 from tracking.search.space import SearchSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 BEST_CONFIG = "best_config.yaml"
@@ -118,20 +121,29 @@ def throughput(study: optuna.Study) -> dict[str, float]:
     return {"epochs_trained": epochs, "epochs_per_hour": epochs / hours if hours > 0 else 0.0}
 
 
-def log_trials_table(study: optuna.Study, client: mlflow.MlflowClient, run_id: str) -> None:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        rows.append({"number": t.number, N.TRIAL_STATE: trial_state(t), "value": t.value,
-                     "num_params": t.user_attrs.get(N.NUM_PARAMS),
-                     "mlflow_run_id": t.user_attrs.get(N.RUN_ATTR),
-                     "last_epoch": max(t.intermediate_values, default=None),
-                     "epochs_trained": t.user_attrs.get(N.EPOCHS_TRAINED),
-                     "seeds": len(t.user_attrs.get(N.SEED_SCORES, {})) or None,
-                     **{f"params.{k}": v for k, v in t.params.items()}})
-    if rows:
-        import pandas as pd  # an MLflow dependency
+# Optuna's columns for trials.csv: params_<config path>, user_attrs_<name> (mlflow_run_id,
+# num_params, epochs_trained, seed_scores, ...); the flat config each trial trained is left out.
+TABLE_ATTRS = ("number", "value", "state", "datetime_start", "datetime_complete", "duration",
+               "params", "user_attrs")
+TABLE_LEFT_OUT = (f"user_attrs_{N.CONFIG}",)
 
-        client.log_text(run_id, pd.DataFrame(rows).to_csv(index=False), "trials.csv")
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Optuna's trials table, with our trial_state beside Optuna's state and the last epoch
+    reported; empty without trials."""
+    df = study.trials_dataframe(attrs=TABLE_ATTRS)
+    if df.empty:
+        return df
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    df.insert(1, N.TRIAL_STATE, [trial_state(trials[n]) for n in df["number"]])
+    df.insert(3, "last_epoch", [max(trials[n].intermediate_values, default=None) for n in df["number"]])
+    return df.drop(columns=[c for c in TABLE_LEFT_OUT if c in df.columns])
+
+
+def log_trials_table(study: optuna.Study, client: mlflow.MlflowClient, run_id: str) -> None:
+    table = trials_table(study)
+    if not table.empty:
+        client.log_text(run_id, table.to_csv(index=False), "trials.csv")
 
 
 def log_figures(study: optuna.Study, n: dict[str, int], client: mlflow.MlflowClient,
