@@ -72,8 +72,13 @@ def use_fresh_store(directory: Path, monkeypatch) -> str:
 
 def use_store(directory: Path, monkeypatch) -> str:
     """Point this process and its subprocesses at the SQLite store in `directory`."""
-    uri = f"sqlite:///{directory}/mlflow.db"
-    monkeypatch.chdir(directory)  # artifacts of a SQLite store land in ./mlruns
+    # artifacts of a SQLite store land in ./mlruns
+    return use_tracking_uri(f"sqlite:///{directory}/mlflow.db", directory, monkeypatch)
+
+
+def use_tracking_uri(uri: str, directory: Path, monkeypatch) -> str:
+    """Point this process and its subprocesses at `uri`, working in `directory`."""
+    monkeypatch.chdir(directory)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 REQUIRE_ENV = "MNIST_MLFLOW_REQUIRE_SERVICES"
+SERVER_GROUP = "tracking-server"  # xdist group: the tests that share tests/tracking/conftest.py's server
 
 
 def missing(reason: str) -> None:

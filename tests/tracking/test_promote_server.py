@@ -23,10 +23,10 @@ from mlflow import MlflowClient
 from mnist_mlflow.config import ModelConfig
 from mnist_mlflow.evaluation import evaluate
 from mnist_mlflow.models import TinyNet, count_params
-from tests.services import ROOT, tracking_server
+from tests.services import ROOT, SERVER_GROUP
 from tracking.safe_model import MADE_BY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(SERVER_GROUP)]  # the shared tracking server
 
 ROUNDS = 10
 PROMOTER = textwrap.dedent("""
@@ -76,44 +76,38 @@ def hand_logged_run(mnist) -> tuple[str, float]:
     return run.info.run_id, acc
 
 
-def test_two_promoters_on_two_machines_converge_on_one_version(tmp_path, mnist, monkeypatch):
-    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(var, raising=False)
-    with tracking_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as url:
-        mlflow.set_tracking_uri(url)
-        try:
-            mlflow.set_experiment("race")
-            run_id, acc = hand_logged_run(mnist)
-            barrier = tmp_path / "barrier"
-            barrier.mkdir()
-            procs = []
-            for me in ("a", "b"):
-                home = tmp_path / f"machine-{me}"
-                (home / "tmp").mkdir(parents=True)
-                env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TMPDIR": str(home / "tmp"),
-                       "PYTHONPATH": str(ROOT), "TARGET": repr(acc), "OMP_NUM_THREADS": "1"}
-                procs.append(subprocess.Popen([sys.executable, "-c", PROMOTER, me, str(barrier),
-                                               str(ROUNDS)], cwd=home, env=env, text=True,
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-            outs = [p.communicate(timeout=900) for p in procs]
-            assert [p.returncode for p in procs] == [0, 0], [
-                "\n".join(line for line in err.splitlines() if "Downloading" not in line)[-4000:]
-                for _, err in outs]
-            results = [[json.loads(line) for line in out.splitlines() if line.startswith("{")]
-                       for out, _ in outs]
-            client = MlflowClient(url)
-            for i in range(ROUNDS):
-                name = f"race-{i}"
-                found = client.search_model_versions(f"name = '{name}'")
-                assert len(found) == 1 and found[0].run_id == run_id, (name, found)
-                champion = client.get_model_version_by_alias(name, "champion")
-                assert str(champion.version) == str(found[0].version)
-                assert champion.tags["run_id"] == run_id
-                a, b = results[0][i], results[1][i]
-                assert sorted([a["created"], b["created"]]) == [False, True]  # one promoted
-                assert a["version"] == b["version"] == str(found[0].version)
-        finally:
-            mlflow.set_tracking_uri(None)
+def test_two_promoters_on_two_machines_converge_on_one_version(tmp_path, mnist, server_uri):
+    url = server_uri
+    mlflow.set_experiment("race")
+    run_id, acc = hand_logged_run(mnist)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = []
+    for me in ("a", "b"):
+        home = tmp_path / f"machine-{me}"
+        (home / "tmp").mkdir(parents=True)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TMPDIR": str(home / "tmp"),
+               "PYTHONPATH": str(ROOT), "TARGET": repr(acc), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", PROMOTER, me, str(barrier),
+                                       str(ROUNDS)], cwd=home, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [
+        "\n".join(line for line in err.splitlines() if "Downloading" not in line)[-4000:]
+        for _, err in outs]
+    results = [[json.loads(line) for line in out.splitlines() if line.startswith("{")]
+               for out, _ in outs]
+    client = MlflowClient(url)
+    for i in range(ROUNDS):
+        name = f"race-{i}"
+        found = client.search_model_versions(f"name = '{name}'")
+        assert len(found) == 1 and found[0].run_id == run_id, (name, found)
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert str(champion.version) == str(found[0].version)
+        assert champion.tags["run_id"] == run_id
+        a, b = results[0][i], results[1][i]
+        assert sorted([a["created"], b["created"]]) == [False, True]  # one promoted
+        assert a["version"] == b["version"] == str(found[0].version)
     raced = sum(results[0][i]["registered"] and results[1][i]["registered"] for i in range(ROUNDS))
     print(f"\n{ROUNDS} rounds against {url}: in {raced} both promoters created a version "
           "(the race), every round ended with one version and one @champion")

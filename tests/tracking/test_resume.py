@@ -15,8 +15,10 @@ from mnist_mlflow import config as C
 from tests.conftest import ROOT
 from tracking import checkpoints, runs, stage
 
-EPOCHS = 6  # enough that Ctrl-C lands mid-run: an epoch of 3,000 images takes about a second
-ARGS = ["--epochs", str(EPOCHS), "--train-limit", "3000", "--test-limit", "300", "--set", "optim.batch_size=32",
+# Ctrl-C follows epoch 1's checkpoint within a poll (0.02 s); 3 epochs of 2,000 images are left
+# for it to land mid-run
+EPOCHS = 4
+ARGS = ["--epochs", str(EPOCHS), "--train-limit", "2000", "--test-limit", "300", "--set", "optim.batch_size=32",
         "--experiment", "resume", "--no-progress"]
 
 

@@ -2,10 +2,8 @@ import base64
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
@@ -14,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
-from tests.services import free_port, stop, wait_until
+from tests.services import SERVER_GROUP, free_port, stop, wait_until
 from tracking import runs, server
 
 
@@ -113,37 +111,15 @@ def test_with_auth_an_anonymous_write_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_run_logged_through_the_tracking_server_lands_in_its_stores(tmp_path, monkeypatch, mnist,
+@pytest.mark.xdist_group(SERVER_GROUP)  # the shared tracking server
+def test_a_run_logged_through_the_tracking_server_lands_in_its_stores(shared_server, server_uri, mnist,
                                                                       tiny_config):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tracking.server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-                time.sleep(0.5)
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        mlflow.set_tracking_uri(url)
-        mlflow.set_experiment("team")
-        outcome = runs.run_training(tiny_config, mnist=mnist, progress=False)
+    mlflow.set_experiment("team")
+    outcome = runs.run_training(tiny_config, mnist=mnist, progress=False)
 
-        run = MlflowClient().get_run(outcome.run_id)
-        assert run.info.status == "FINISHED" and run.data.params["stage"] == "stage3"
-        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
-        assert any((tmp_path / "artifacts").rglob("curves.png"))
-        model = mlflow.pyfunc.load_model(f"runs:/{outcome.run_id}/model")
-        assert np.asarray(model.predict(mnist.test_x[:4, None].astype(np.float32))).shape == (4, 10)
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["stage"] == "stage3"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
+    assert any(outcome.run_id in p.parts for p in shared_server.artifacts.rglob("curves.png"))
+    model = mlflow.pyfunc.load_model(f"runs:/{outcome.run_id}/model")
+    assert np.asarray(model.predict(mnist.test_x[:4, None].astype(np.float32))).shape == (4, 10)
