@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import mlflow
 
 from mnist_mlflow import config as C
-from tracking import store
+from tracking.lifecycle import store
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE3 = ROOT / "experiments" / "stage3.yaml"  # the recipe that search files and recipes extend
@@ -136,7 +136,7 @@ def add_experiment(p: argparse.ArgumentParser) -> None:
 
 
 def check_server() -> None:
-    """An unreachable tracking server fails now, in seconds (tracking/store.py)."""
+    """An unreachable tracking server fails now, in seconds (tracking/lifecycle/store.py)."""
     store.check_server(mlflow.get_tracking_uri())
 
 

@@ -41,9 +41,10 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
-from tracking import cli, consistency, runs
+from tracking import cli, consistency
+from tracking.lifecycle import runs
 from tracking.report import markdown
-from tracking.signals import sigterm_as_interrupt
+from tracking.lifecycle.signals import sigterm_as_interrupt
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
 from tracking.search.space import SearchSpec, load_search

@@ -16,8 +16,9 @@ import mlflow
 import numpy as np
 
 from mnist_mlflow import config as C
-from tracking import cli, runs
-from tracking.signals import sigterm_as_interrupt
+from tracking import cli
+from tracking.lifecycle import runs
+from tracking.lifecycle.signals import sigterm_as_interrupt
 from tracking.stage import SetupError, checked_setup
 
 

@@ -34,8 +34,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
-from tracking import cli, confirm, promote, runs
-from tracking.signals import Interrupted, sigterm_as_interrupt
+from tracking import cli, confirm, promote
+from tracking.lifecycle import runs
+from tracking.lifecycle.signals import Interrupted, sigterm_as_interrupt
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
 from tracking.search.space import load_search

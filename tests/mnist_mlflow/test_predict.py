@@ -19,7 +19,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow import predict as PR
 from mnist_mlflow import preprocess as PP
 from tests.conftest import ROOT, use_fresh_store
-from tracking.runs import run_training
+from tracking.lifecycle.runs import run_training
 
 # one worker under pytest-xdist (--dist loadgroup): the module-scoped model is trained once
 pytestmark = pytest.mark.xdist_group("predict")

@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from mnist_mlflow import config as C
 from tests.conftest import ROOT
-from tracking import checkpoints, runs, stage
+from tracking import stage
+from tracking.lifecycle import checkpoints, runs
 
 EPOCHS = 6  # enough that Ctrl-C lands mid-run: an epoch of 3,000 images takes about a second
 ARGS = ["--epochs", str(EPOCHS), "--train-limit", "3000", "--test-limit", "300", "--set", "optim.batch_size=32",

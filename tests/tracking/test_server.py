@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT
 from tests.services import free_port, stop, wait_until
-from tracking import runs, server
+from tracking import server
+from tracking.lifecycle import runs
 
 
 def test_bad_server_arguments_are_refused(capsys):

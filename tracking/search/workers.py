@@ -34,7 +34,7 @@ from tracking.search.plan import Plan
 from tracking.search.sampling import make_sampler
 from tracking.search.space import SearchSpec, make_pruner
 from tracking.search.study import HEARTBEAT_S, open_storage, sampler_seed
-from tracking.signals import exit_code, sigterm_as_interrupt
+from tracking.lifecycle.signals import exit_code, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 

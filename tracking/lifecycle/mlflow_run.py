@@ -12,7 +12,7 @@ which `mlflow.start_run` deletes from our environment: `attach()` reads it at ou
   the run's status itself, FAILED on any non-zero exit, even over the KILLED we set (its "already
   terminated?" check compares the status string with integer states).
 
-So `attach()` also starts a keeper, ``python -m tracking.mlflow_run RUN_ID PID STARTED``, in a
+So `attach()` also starts a keeper, ``python -m tracking.lifecycle.mlflow_run RUN_ID PID STARTED``, in a
 session of its own (a terminal's Ctrl-C does not reach it). Our command tells it, through a pipe,
 the status it ended the run with; the keeper reads until our command has exited, however it
 ended, waits until `mlflow run` has exited too, so that nothing writes the status after it, and
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from tracking.liveness import pid_is_owner
+from tracking.lifecycle.liveness import pid_is_owner
 
 # MLflow is imported in the functions that use it: the keeper runs this module and idles
 # through the training without it.
@@ -59,7 +59,7 @@ class Parent:
         tag `error`, so the UI says why) or an interrupt (KILLED)."""
         import mlflow
 
-        from tracking.store import check_store
+        from tracking.lifecycle.store import check_store
 
         try:
             check_store()  # an unusable store fails in seconds, not after MLflow's retries
@@ -98,7 +98,8 @@ def start_keeper(run_id: str, pid: int) -> tuple[subprocess.Popen, int]:
     """
     read_fd, write_fd = os.pipe()
     started = psutil.Process(pid).create_time()
-    keeper = subprocess.Popen([sys.executable, "-m", "tracking.mlflow_run", run_id, str(pid), repr(started)],
+    keeper = subprocess.Popen([sys.executable, "-m", "tracking.lifecycle.mlflow_run",
+                               run_id, str(pid), repr(started)],
                               stdin=read_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     os.close(read_fd)

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
-from tracking import mlflow_run
+from tracking.lifecycle import mlflow_run
 
 pytestmark = pytest.mark.slow  # each test starts a keeper process beside a stand-in
 
@@ -60,6 +60,7 @@ def test_without_a_report_the_keeper_leaves_mlflow_runs_status(stand_in):
 
 def test_the_keeper_idles_without_mlflow():
     """It waits through a whole training: judged by liveness's process rule, without MLflow loaded."""
-    probe = "import sys, tracking.mlflow_run; print(sorted(m for m in ('mlflow', 'torch') if m in sys.modules))"
+    probe = ("import sys, tracking.lifecycle.mlflow_run; "
+             "print(sorted(m for m in ('mlflow', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Signals (tracking/signals.py) in a real process: SIGTERM ends a held run KILLED."""
+"""Signals (tracking/lifecycle/signals.py) in a real process: SIGTERM ends a held run KILLED."""
 
 import signal
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
-from tracking import signals
+from tracking.lifecycle import signals
 
 
 def _statuses():
@@ -20,7 +20,7 @@ def _statuses():
 def test_sigterm_ends_the_run_killed(tmp_path, tracking_uri):
     script = (
         "import os, signal, mlflow\n"
-        "from tracking import runs, signals\n"
+        "from tracking.lifecycle import runs, signals\n"
         "with signals.sigterm_as_interrupt():\n"
         "    with runs.tracked_run(run_name='t'):\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
