@@ -43,7 +43,7 @@ from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
 from tracking import cli, consistency
 from tracking.lifecycle import runs
-from tracking.report import markdown
+from tracking.cli import markdown
 from tracking.lifecycle.signals import sigterm_as_interrupt
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
