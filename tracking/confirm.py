@@ -1,5 +1,6 @@
-"""Retrains the search's best recipes across seeds and numerics, picks one, then proves it:
-``python -m tracking.confirm --study-name mnist-search``.
+"""Confirms the search's best recipes: retrains them over seeds and numerics, picks one, proves it.
+
+    python -m tracking.confirm --study-name mnist-search
 
 All as nested MLflow runs under one parent run:
 

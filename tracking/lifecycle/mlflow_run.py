@@ -12,8 +12,8 @@ which `mlflow.start_run` deletes from our environment: `attach()` reads it at ou
   the run's status itself, FAILED on any non-zero exit, even over the KILLED we set (its "already
   terminated?" check compares the status string with integer states).
 
-So `attach()` also starts a keeper, ``python -m tracking.lifecycle.mlflow_run RUN_ID PID STARTED``, in a
-session of its own (a terminal's Ctrl-C does not reach it). Our command tells it, through a pipe,
+So `attach()` also starts a keeper, ``python -m tracking.lifecycle.mlflow_run RUN_ID PID STARTED``,
+in a session of its own (a terminal's Ctrl-C does not reach it). Our command tells it, through a pipe,
 the status it ended the run with; the keeper reads until our command has exited, however it
 ended, waits until `mlflow run` has exited too, so that nothing writes the status after it, and
 then puts our status back over a FAILED. No step depends on which process gets there first.

@@ -1,5 +1,6 @@
-"""Which run may be promoted: the criteria (the experiment file's target and budget, where
-promotion enforces the budget) and the scan for the first run that meets them."""
+"""Which run may be promoted: the criteria, and the scan for the first run that meets them.
+
+The criteria are the experiment file's target and budget (promotion enforces the budget)."""
 
 from __future__ import annotations
 

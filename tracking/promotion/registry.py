@@ -1,5 +1,6 @@
-"""Registering a promoted run in the Model Registry once, whoever else promotes it at the same
-moment and from whichever machine (tracking/promote.py decides which run)."""
+"""Registers a promoted run in the Model Registry once, whoever else promotes it at that moment.
+
+From whichever machine; tracking/promote.py decides which run."""
 
 from __future__ import annotations
 
