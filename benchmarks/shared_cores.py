@@ -32,7 +32,7 @@ from mnist_mlflow import threads as T
 from mnist_mlflow.data import load_mnist, make_splits
 from mnist_mlflow.train import fit
 from tracking import cli
-from tracking.runs import tracked_run
+from tracking.lifecycle.runs import tracked_run
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
 BUSY_LOOP = "while True: pass"

@@ -52,7 +52,7 @@ from mnist_mlflow.models import build_model, count_params
 from mnist_mlflow.train import (fit, init_model, make_autocast, make_ema, make_optimizer, make_scheduler,
                                 train_step)
 from tracking import cli
-from tracking.runs import tracked_run
+from tracking.lifecycle.runs import tracked_run
 
 STAGE3 = Path(__file__).resolve().parent.parent / "experiments/stage3.yaml"
 # the stage-3 model and recipe before the speed work (7,759 parameters, no shift)

@@ -8,7 +8,7 @@ other processes keep busy over a short sample of /proc/stat; a core counts as ta
 than half of it is.
 
 bf16 results depend on the thread count, so callers resolve once per run, record the number and
-reuse it (`tracking.runs` logs it and a resumed run applies the original count).
+reuse it (`tracking.lifecycle.runs` logs it and a resumed run applies the original count).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The command-line layer every entry point shares: flags, typed values, the store, the experiment.
+"""The command-line layer every command shares: flags, typed values, the store, the markdown tables.
 
 MLproject passes every parameter, set or not, so an empty string means "unset" for every flag
 here. A flag's text is converted once, by argparse, into its type (`value`); config overrides
@@ -10,6 +10,7 @@ read as YAML. A bad flag is a `ConfigError` (one line, exit 2), never argparse's
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -19,7 +20,7 @@ from typing import Any, Callable, NoReturn, Optional
 import mlflow
 
 from mnist_mlflow import config as C
-from tracking import store
+from tracking.lifecycle import store
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE3 = ROOT / "experiments" / "stage3.yaml"  # the recipe that search files and recipes extend
@@ -143,7 +144,7 @@ def add_experiment(p: argparse.ArgumentParser) -> None:
 
 
 def check_server() -> None:
-    """An unreachable tracking server fails now, in seconds (tracking/store.py)."""
+    """An unreachable tracking server fails now, in seconds (tracking/lifecycle/store.py)."""
     store.check_server(mlflow.get_tracking_uri())
 
 
@@ -161,3 +162,23 @@ def use_experiment(name: str) -> str:
     # MLflow 3.17 leaves the experiment inactive when another process created it at the same
     # moment (several workers starting at once): activate it by id.
     return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
+
+
+def markdown(table: list[dict], skip: tuple[str, ...] = ("curve",)) -> str:
+    """The rows as a markdown table (the first row's keys less `skip`); "" for no rows."""
+    # by hand: pandas' DataFrame.to_markdown needs `tabulate`, not a dependency, for these lines
+    if not table:
+        return ""
+    head = [h for h in table[0] if h not in skip]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(r[h]) for h in head) + " |" for r in table]
+    return "\n".join(lines)
+
+
+def cell(v: object) -> str:
+    """Empty for no value (None, nan), yes/no for a flag, two decimals for a float."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)

@@ -1,5 +1,6 @@
-"""Retrains the search's best recipes across seeds and numerics, picks one, then proves it:
-``python -m tracking.confirm --study-name mnist-search``.
+"""Confirms the search's best recipes: retrains them over seeds and numerics, picks one, proves it.
+
+    python -m tracking.confirm --study-name mnist-search
 
 All as nested MLflow runs under one parent run:
 
@@ -42,9 +43,10 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
-from tracking import cli, consistency, mlflow_run, runs
-from tracking.report import markdown
-from tracking.signals import exit_code
+from tracking import cli, consistency
+from tracking.lifecycle import mlflow_run, runs
+from tracking.cli import markdown
+from tracking.lifecycle.signals import exit_code
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
 from tracking.search.space import SearchSpec, load_search

@@ -16,7 +16,8 @@ import mlflow
 import numpy as np
 
 from mnist_mlflow import config as C
-from tracking import cli, mlflow_run, runs
+from tracking import cli
+from tracking.lifecycle import mlflow_run, runs
 from tracking.stage import SetupError, checked_setup
 
 

@@ -2,8 +2,8 @@
 
     python -m tracking.doctor [--fix] [--experiment NAME] [--stale-after SECONDS]
 
-A run is judged by the rule of tracking/liveness.py: on its own host by its pid, from any host
-by its heartbeat (older than --stale-after, default 600 s, means gone). Live runs, and runs
+A run is judged by the rule of tracking/lifecycle/liveness.py: on its own host by its pid, from any
+host by its heartbeat (older than --stale-after, default 600 s, means gone). Live runs, and runs
 without an owner record (older code, other tools), are listed and never touched. A run is
 judged again just before it is marked, so one that ended or was resumed meanwhile is left alone.
 
@@ -24,7 +24,8 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
-from tracking import cli, liveness
+from tracking import cli
+from tracking.lifecycle import liveness
 
 
 def running_runs(experiment: Optional[str]) -> list[Run]:

@@ -25,7 +25,8 @@ from mlflow.exceptions import MlflowException
 from mnist_mlflow import config as C
 from mnist_mlflow.evaluation import hold_score, hold_summary
 from tracking import cli
-from tracking.report import history, markdown
+from tracking.cli import markdown
+from tracking.report import history
 
 Z95 = 1.96
 SEED_COUNTS = (1, 2, 3, 4, 6)

@@ -9,7 +9,7 @@ have a logged model named "model" and a ``test_accuracy`` history; with ``--pare
 only the children of that run (e.g. tracking.confirm's final runs). Only runs this project
 logged (tag made_by=mnist-mlflow) whose logged model is verifiably a TinyNet of their
 `model.*` config count: it is loaded without executing anything from the store
-(tracking/safe_model.py); any other run that held the target is skipped with one line on
+(tracking/lifecycle/safe_model.py); any other run that held the target is skipped with one line on
 stderr. Before anything is registered its parameter count is checked against the budget and
 its test accuracy recomputed; a disagreement with the run's last logged value refuses the
 promotion. A registered model of that name that this project did not create is refused. Target, hold and budget are the experiment file's (`--stage-config`:
@@ -36,10 +36,11 @@ from mlflow.exceptions import MlflowException
 from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist, load_mnist
 from mnist_mlflow.evaluation import evaluate
-from tracking import cli, mlflow_run
-from tracking.candidates import (METRIC, AccuracyMismatch, Candidate, Criteria, NoCandidate,
+from tracking import cli
+from tracking.lifecycle import mlflow_run
+from tracking.promotion.candidates import (METRIC, AccuracyMismatch, Candidate, Criteria, NoCandidate,
                                  PromotionError, no_candidate_message, param_int, select_run)
-from tracking.registry import check_ours, complete, find_version, register
+from tracking.promotion.registry import check_ours, complete, find_version, register
 
 DEFAULT_MODEL_NAME = "mnist-8k"
 ALIAS = "champion"

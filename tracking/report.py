@@ -10,7 +10,6 @@ precision and thread count. This is how the README's results tables and figure a
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +23,8 @@ from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
 from mnist_mlflow.evaluation import hold_summary
-from tracking import cli
+from tracking import cli, tune_report
+from tracking.cli import markdown
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
@@ -113,26 +113,6 @@ def figure(table: list[dict], target: float = 99.4) -> plt.Figure:
     return fig
 
 
-def markdown(table: list[dict], skip: tuple[str, ...] = ("curve",)) -> str:
-    """The rows as a markdown table (the first row's keys less `skip`); "" for no rows."""
-    # by hand: pandas' DataFrame.to_markdown needs `tabulate`, not a dependency, for these lines
-    if not table:
-        return ""
-    head = [h for h in table[0] if h not in skip]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell(r[h]) for h in head) + " |" for r in table]
-    return "\n".join(lines)
-
-
-def cell(v: object) -> str:
-    """Empty for no value (None, nan), yes/no for a flag, two decimals for a float."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
 def check_figure_path(path: str) -> None:
     """Before any query: savefig would fail only at the end, with a traceback."""
     kinds = sorted(FigureCanvasBase.get_supported_filetypes())
@@ -180,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_tune(run_id: str, experiments: list[str] | None) -> int:
-    from tracking import tune_report  # it uses this module's markdown
-
     client = MlflowClient()
     try:
         ids = ([e.experiment_id for name in experiments if (e := client.get_experiment_by_name(name))]

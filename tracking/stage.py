@@ -18,9 +18,10 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from mnist_mlflow.train import Diverged, resolve_device
-from tracking import checkpoints, cli, mlflow_run, runs
-from tracking.signals import exit_code
-from tracking.store import check_store
+from tracking import cli
+from tracking.lifecycle import checkpoints, mlflow_run, runs
+from tracking.lifecycle.signals import exit_code
+from tracking.lifecycle.store import check_store
 
 
 def checked_setup(args: argparse.Namespace) -> tuple[C.RunConfig, Mnist]:

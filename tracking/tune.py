@@ -35,8 +35,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
-from tracking import cli, confirm, mlflow_run, promote, runs
-from tracking.signals import exit_code
+from tracking import cli, confirm, promote
+from tracking.lifecycle import mlflow_run, runs
+from tracking.lifecycle.signals import exit_code
 from tracking.search import cli as search_cli
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG

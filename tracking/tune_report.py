@@ -14,7 +14,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow.config import ConfigError
-from tracking.report import markdown
+from tracking.cli import markdown
 from tracking.search import names as N
 
 STEPS = ("search", "confirm", "promote")

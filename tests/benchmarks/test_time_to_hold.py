@@ -33,7 +33,7 @@ def test_unknown_variant_is_named_before_any_work(capsys):
 def test_the_stage3_variant_is_the_stage3_run_of_its_seed(tracking_uri, mnist):
     """The benchmark times what `mlflow run . -e stage3` trains: same model, statistics, seed."""
     from mnist_mlflow import config as C
-    from tracking.runs import run_training
+    from tracking.lifecycle.runs import run_training
 
     args = {"seed": 1, "device": "cpu", "data.train_limit": 512, "data.test_limit": 200, "optim.epochs": 2}
     [(cfg, bench)] = time_to_hold.main(["--variants", "stage3", "--epochs", "2", "--train-limit", "512",

@@ -22,7 +22,7 @@ from mnist_mlflow import predict as PR
 from mnist_mlflow import preprocess as PP
 from tests.conftest import ROOT, use_fresh_store
 from tracking import predict as predict_cli
-from tracking.runs import run_training
+from tracking.lifecycle.runs import run_training
 
 # one worker under pytest-xdist (--dist loadgroup): the module-scoped model is trained once
 pytestmark = pytest.mark.xdist_group("predict")

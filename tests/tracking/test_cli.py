@@ -80,3 +80,12 @@ def test_mlproject_entries_parse_with_every_default(entry):
         assert cli.overrides(args) == ({"seed": 1} if params else {})
     else:  # the experiment file's target and hold
         assert (args.target, args.hold, args.dry_run) == (None, None, False)
+
+
+def test_one_table_writer_for_every_command():
+    """report, report --tune, confirm and noise print their tables with it: flags, floats, gaps."""
+    rows = [{"candidate": "base", "held": True, "hold_epoch": None, "final": 99.4567, "curve": [1.0]},
+            {"candidate": "t1", "held": False, "hold_epoch": 7, "final": float("nan"), "curve": [2.0]}]
+    assert cli.markdown(rows) == ("| candidate | held | hold_epoch | final |\n|---|---|---|---|\n"
+                                  "| base | yes |  | 99.46 |\n| t1 | no | 7 |  |")
+    assert cli.markdown([]) == ""

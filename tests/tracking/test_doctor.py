@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT
 from tests.services import wait_until
-from tracking import doctor, liveness, runs, stage
+from tracking import doctor, stage
+from tracking.lifecycle import liveness, runs
 
 
 def make_run(tags: dict[str, str]) -> str:

@@ -24,9 +24,9 @@ from mnist_mlflow import config as C
 from mnist_mlflow.models import TinyNet, count_params
 from tests.conftest import ROOT, use_fresh_store
 from tracking import promote as P
-from tracking import registry
-from tracking.safe_model import MADE_BY
-from tracking.runs import RunOutcome, run_training
+from tracking.promotion import registry
+from tracking.lifecycle.safe_model import MADE_BY
+from tracking.lifecycle.runs import RunOutcome, run_training
 
 # one worker under pytest-xdist (--dist loadgroup): the module-scoped store is trained once
 pytestmark = pytest.mark.xdist_group("promote")

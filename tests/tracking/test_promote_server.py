@@ -24,7 +24,7 @@ from mnist_mlflow.config import ModelConfig
 from mnist_mlflow.evaluation import evaluate
 from mnist_mlflow.models import TinyNet, count_params
 from tests.services import ROOT, SERVER_GROUP
-from tracking.safe_model import MADE_BY
+from tracking.lifecycle.safe_model import MADE_BY
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(SERVER_GROUP)]  # the shared tracking server
 

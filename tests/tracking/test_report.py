@@ -49,12 +49,3 @@ def test_a_bad_figure_path_is_one_line_exit_2_before_any_query(tracking_uri, tmp
     lines = [line for line in captured.err.splitlines() if " INFO mlflow" not in line]
     assert captured.out == "" and len(lines) == 1 and re.search(f"^error: --figure=.*{message}", lines[0])
     assert not (tmp_path / name).exists()
-
-
-def test_one_table_writer_for_the_report_and_confirm():
-    """Confirm's screening and final tables go through it too: flags, floats and gaps read plainly."""
-    rows = [{"candidate": "base", "held": True, "hold_epoch": None, "final": 99.4567, "curve": [1.0]},
-            {"candidate": "t1", "held": False, "hold_epoch": 7, "final": float("nan"), "curve": [2.0]}]
-    assert report.markdown(rows) == ("| candidate | held | hold_epoch | final |\n|---|---|---|---|\n"
-                                     "| base | yes |  | 99.46 |\n| t1 | no | 7 |  |")
-    assert report.markdown([]) == ""

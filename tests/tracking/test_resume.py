@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from mnist_mlflow import config as C
 from tests.conftest import ROOT
-from tracking import checkpoints, runs, stage
+from tracking import stage
+from tracking.lifecycle import checkpoints, runs
 
 # Ctrl-C follows epoch 1's checkpoint within a poll (0.02 s); 3 epochs of 2,000 images are left
 # for it to land mid-run

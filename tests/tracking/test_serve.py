@@ -21,7 +21,7 @@ from mnist_mlflow.models import MAX_BATCH
 from tests.conftest import ROOT
 from tests.services import free_port
 from tracking.promote import promote
-from tracking.runs import run_training
+from tracking.lifecycle.runs import run_training
 
 pytestmark = pytest.mark.slow
 

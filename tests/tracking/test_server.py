@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT
 from tests.services import SERVER_GROUP, free_port, stop, wait_until
-from tracking import runs, server
+from tracking import server
+from tracking.lifecycle import runs
 
 
 @pytest.mark.parametrize("argv, message", [

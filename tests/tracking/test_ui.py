@@ -19,7 +19,8 @@ from mnist_mlflow import config as C
 from tests.services import (ROOT, SERVER_GROUP, chromium_binary, chromium_page, page_shows,
                             screenshot_folder)
 from tests.tracking.search.helpers import ROTATION, options, write_search
-from tracking import consistency, promote, runs
+from tracking import consistency, promote
+from tracking.lifecycle import runs
 from tracking.search.run import run_search
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.xdist_group(SERVER_GROUP)]

@@ -1,3 +1,5 @@
+"""``python -m tracking.search``: runs the search (tracking/search/cli.py)."""
+
 import sys
 
 from tracking.search.cli import main

@@ -11,14 +11,16 @@ from mlflow.exceptions import MlflowException
 import tracking.search
 from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError
-from tracking import cli, dashboard, mlflow_run
+from tracking import cli
+from tracking.lifecycle import mlflow_run
+from tracking.search import dashboard
 from tracking.search import names as N
 from tracking.search import report
 from tracking.search.local import WorkersFailed
 from tracking.search.plan import CONFIG_FLAGS, DEFAULT_CONFIG, Options, resolve
 from tracking.search.run import SearchResult, run_search
 from tracking.search.study import HEARTBEAT_S
-from tracking.signals import exit_code
+from tracking.lifecycle.signals import exit_code
 
 
 def parser() -> cli.Parser:

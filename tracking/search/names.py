@@ -1,5 +1,7 @@
-"""The names that tie a search together across processes and stores: MLflow tags, Optuna
-attributes and the trial states. Changing one changes what runs and studies record."""
+"""The names that tie a search together across processes and stores: tags, attributes, states.
+
+MLflow tags, Optuna attributes and the trial states. Changing one changes what runs and
+studies record."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from mnist_mlflow.data import Mnist
 from mnist_mlflow.evaluation import hold_score, hold_summary
 from mnist_mlflow.models import param_count_of, widths_text
 from mnist_mlflow.train import EpochMetrics
-from tracking import runs
+from tracking.lifecycle import runs
 from tracking.search import names as N
 from tracking.search.sampling import sample_params
 from tracking.search.space import SearchSpec

@@ -5,7 +5,7 @@
   database lets exactly one win); it stores the id in the study's user attributes, and the
   other workers, and those that join later, wait for it and nest their trials under it.
   Otherwise a new run for this invocation.
-- **Owned**: every process working for it keeps its heartbeat (tracking/liveness.py); shared
+- **Owned**: every process working for it keeps its heartbeat (tracking/lifecycle/liveness.py); shared
   when other processes may own it too, so tracking.doctor closes it only when none is left.
 - **Ended** on the way out, with the summary (report.py) and the status the run lifecycle
   decides (runs.owned), by a process that leaves no trial of the study running; while
@@ -28,13 +28,13 @@ from mlflow.tracking.context.registry import resolve_tags
 from optuna.trial import TrialState
 
 from mnist_mlflow import config as C
-from tracking import runs
+from tracking.lifecycle import runs
 from tracking.search import names as N
 from tracking.search import report
 from tracking.search.plan import Plan
 from tracking.search.study import redact
 from tracking.search.workers import fail_stale_trials, tally
-from tracking.shared_writes import retrying
+from tracking.lifecycle.shared_writes import retrying
 
 JOIN_WAIT_S = 60  # how long a joining worker waits for the creator to record the parent run
 

@@ -1,5 +1,7 @@
-"""What one invocation of the search asks for (`Options`) and will do (`Plan`): every check that
-needs no storage, run or process, so a bad file or flag fails before any exists."""
+"""Checks a search invocation before anything exists: what it asks for and what it will do.
+
+`Options` is what it asks for, `Plan` what it will do: every check that needs no storage, run or
+process is made here, so a bad file or flag fails before any exists."""
 
 from __future__ import annotations
 

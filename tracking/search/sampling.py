@@ -1,5 +1,6 @@
-"""What a trial tries: each parameter of the space suggested under its config path, the base
-config as a first trial, and the sampler."""
+"""What a trial tries: the space's parameters under their config paths, the base config, the sampler.
+
+Each parameter is suggested under its config path; the base config is the first trial."""
 
 from __future__ import annotations
 

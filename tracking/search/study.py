@@ -18,7 +18,7 @@ from tracking.search import names as N
 from tracking.search.sampling import base_params
 from tracking.search.space import SearchSpec
 from tracking.search.trial_runs import TrialRuns
-from tracking.shared_writes import retry
+from tracking.lifecycle.shared_writes import retry
 
 OBJECTIVE = "hold-epoch"  # the objective's name and version, stored with the study
 HEARTBEAT_S, MAX_RETRY = 60, 2  # RDB storage: a trial silent for 3 heartbeats is stale

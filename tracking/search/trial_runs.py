@@ -1,5 +1,6 @@
-"""The MLflow runs of a search's trials: found by trial number under the parent run, tagged
-with the trial's state, ended once, or stubbed for a trial that never trained."""
+"""The MLflow runs of a search's trials: found, tagged with the trial's state, ended once.
+
+Found by trial number under the parent run; stubbed for a trial that never trained."""
 
 from __future__ import annotations
 

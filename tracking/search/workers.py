@@ -1,5 +1,7 @@
-"""The workers that optimize one study: in this process, in K spawned processes (``--workers K``)
-or in processes on several machines (``--study-trials N``).
+"""The workers that optimize one study: here, in K spawned processes, or on several machines.
+
+In this process, in K spawned processes (``--workers K``) or in processes on several machines
+(``--study-trials N``).
 
 A worker with a fixed share runs that many trials. A shared search's workers instead run until
 the study has N finished trials (COMPLETE or PRUNED, rejected ones included): a worker starts
@@ -34,7 +36,7 @@ from tracking.search.plan import Plan
 from tracking.search.sampling import make_sampler
 from tracking.search.space import SearchSpec, make_pruner
 from tracking.search.study import HEARTBEAT_S, open_storage, sampler_seed
-from tracking.signals import Interrupts, exit_code
+from tracking.lifecycle.signals import Interrupts, exit_code
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import mlflow
 import yaml
 
 from tests.conftest import ROOT
-from tracking import runs
+from tracking.lifecycle import runs
 from tracking.search.plan import Options
 
 SEARCH_YAML = ROOT / "experiments/search.yaml"

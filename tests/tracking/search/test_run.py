@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.tracking.search.helpers import ROTATION, child_runs, fit_that, options, write_search
-from tracking import runs
+from tracking.lifecycle import runs
 from tracking.search import report
 from tracking.search.run import run_search
 

@@ -1,5 +1,6 @@
-"""Registering a promoted run in the Model Registry once, whoever else promotes it at the same
-moment and from whichever machine (tracking/promote.py decides which run)."""
+"""Registers a promoted run in the Model Registry once, whoever else promotes it at that moment.
+
+From whichever machine; tracking/promote.py decides which run."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from tracking.candidates import Candidate, PromotionError
-from tracking.safe_model import MADE_BY
-from tracking.shared_writes import retry
+from tracking.promotion.candidates import Candidate, PromotionError
+from tracking.lifecycle.safe_model import MADE_BY
+from tracking.lifecycle.shared_writes import retry
 
 
 def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[ModelVersion]:

@@ -18,7 +18,7 @@ import pytest
 from tests.services import (chromium_page, free_port, missing, page_shows, screenshot_folder, stop,
                             wait_until)
 from tests.tracking.search.helpers import ROTATION, write_search
-from tracking import dashboard
+from tracking.search import dashboard
 from tracking.search import cli as search
 
 

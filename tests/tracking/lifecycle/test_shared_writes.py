@@ -1,4 +1,4 @@
-"""Several processes writing one run at once (tracking/shared_writes.py): the shared search's
+"""Several processes writing one run at once (tracking/lifecycle/shared_writes.py): the shared search's
 parent run, whose workers record themselves as its owners and beat at the same moments."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from tracking import liveness
-from tracking.shared_writes import is_unique_violation, retry, retrying
+from tracking.lifecycle import liveness
+from tracking.lifecycle.shared_writes import is_unique_violation, retry, retrying
 
 
 def test_owners_recording_themselves_at_once_on_one_run_all_succeed(tracking_uri):

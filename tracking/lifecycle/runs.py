@@ -4,9 +4,8 @@ Stage runs and search trials train through `run_training`, which validates every
 can fail cheaply (config, budget, data, store) before a run exists, so bad input creates no
 run. Runs that wrap others (consistency, confirm, tune) and the benchmarks that log
 (time_to_hold, shared_cores) open theirs with `tracked_run`; a run this process did not
-start (a search's parent run) is owned with `owned`. What is logged lives in
-tracking/provenance.py and tracking/run_logging.py, checkpoints and resuming in
-tracking/checkpoints.py, signals in tracking/signals.py.
+start (a search's parent run) is owned with `owned`. What is logged lives in provenance.py and
+run_logging.py next to this file, checkpoints and resuming in checkpoints.py, signals in signals.py.
 """
 
 from __future__ import annotations
@@ -25,12 +24,12 @@ from mnist_mlflow.data import Mnist, Splits, load_mnist, make_splits
 from mnist_mlflow.models import count_params
 from mnist_mlflow.summary import format_summary, layer_summary
 from mnist_mlflow.train import EpochMetrics, TrainResult, fit, init_model, resolve_device
-from tracking import hardware, liveness
-from tracking.checkpoints import (THREADS_PARAM, load_checkpoint, log_checkpoint, log_unlogged_epochs,
-                                  resumed_threads)
-from tracking.provenance import git_commit, log_datasets, versions
-from tracking.run_logging import hold_of, log_data_study, log_epoch, log_results, summary_text
-from tracking.signals import Interrupts
+from tracking.lifecycle import hardware, liveness
+from tracking.lifecycle.checkpoints import (THREADS_PARAM, load_checkpoint, log_checkpoint,
+                                            log_unlogged_epochs, resumed_threads)
+from tracking.lifecycle.provenance import git_commit, log_datasets, versions
+from tracking.lifecycle.run_logging import hold_of, log_data_study, log_epoch, log_results, summary_text
+from tracking.lifecycle.signals import Interrupts
 
 
 class StopRun(Exception):
@@ -46,7 +45,7 @@ class RunEnd:
 @contextlib.contextmanager
 def owned(run_id: str, end: RunEnd, shared: bool = False) -> Iterator[RunEnd]:
     """While inside, this process owns run `run_id`: it records this process as an owner and
-    a heartbeat (tracking/liveness.py; `shared`: other processes may own it too), so a run
+    a heartbeat (tracking/lifecycle/liveness.py; `shared`: other processes may own it too), so a run
     whose process died is found and closed by tracking.doctor. How the block ends sets
     `end.status`, for the caller to end the run with: FINISHED; KILLED on Ctrl-C, SIGTERM or a
     StopRun; FAILED on any other exception, whose reason becomes the run's `error` tag.

@@ -16,9 +16,9 @@ from mnist_mlflow.data import Splits
 from mnist_mlflow.models import count_params
 from mnist_mlflow.evaluation import predict_logits
 from mnist_mlflow.train import EpochMetrics, TrainResult
-from tracking import liveness
-from tracking.provenance import PACKAGE_DIR
-from tracking.safe_model import MADE_BY
+from tracking.lifecycle import liveness
+from tracking.lifecycle.provenance import PACKAGE_DIR
+from tracking.lifecycle.safe_model import MADE_BY
 
 MODEL_NAME = "model"  # the logged model's name inside a run
 

@@ -4,7 +4,8 @@ import mlflow
 import torch
 
 from mnist_mlflow import config as C
-from tracking import confirm, hardware, runs
+from tracking import confirm
+from tracking.lifecycle import hardware, runs
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -12,8 +12,8 @@ import yaml
 from mnist_mlflow import config as C
 from mnist_mlflow import threads as T
 from mnist_mlflow.train import EpochMetrics
-from tracking import liveness
-from tracking.run_logging import log_epoch
+from tracking.lifecycle import liveness
+from tracking.lifecycle.run_logging import log_epoch
 
 CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "last.pt"  # replaced after every epoch
 THREADS_PARAM = "threads_resolved"  # the torch threads a run trained with (its `threads` may say auto)
@@ -48,7 +48,7 @@ def config_of_run(run_id: str) -> C.RunConfig:
 
 def check_resumable(run_id: str) -> None:
     """Cheap checks, no download: the run exists, is not FINISHED, is not still being trained
-    by a live process (tracking/liveness.py) and has a checkpoint."""
+    by a live process (tracking/lifecycle/liveness.py) and has a checkpoint."""
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     if run.info.status == "FINISHED":
@@ -95,7 +95,7 @@ def load_checkpoint(run_id: str) -> dict:
 
 def log_unlogged_epochs(run_id: str, state: dict) -> None:
     """Metrics of the checkpoint's epochs that the run lacks: an epoch's metrics are logged after
-    its checkpoint (tracking/runs.py), so a kill between the two leaves them only here."""
+    its checkpoint (tracking/lifecycle/runs.py), so a kill between the two leaves them only here."""
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "test_accuracy")}
     for h in state["history"]:
         if h["epoch"] not in logged:

@@ -30,7 +30,7 @@ import psutil
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-# MLflow is imported in the functions that write: the keeper (tracking.mlflow_run) judges its
+# MLflow is imported in the functions that write: the keeper (tracking.lifecycle.mlflow_run) judges its
 # process by `pid_is_owner` and idles through the training without MLflow.
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def owner_tags(shared: bool = False, interval_s: float = HEARTBEAT_S) -> dict[st
 def beat(run_id: str) -> None:
     import mlflow
 
-    from tracking.shared_writes import retrying
+    from tracking.lifecycle.shared_writes import retrying
 
     # retrying: a shared run's other owners beat too
     retrying(lambda: mlflow.MlflowClient().set_tag(run_id, HEARTBEAT, f"{time.time():.3f}"))
@@ -84,7 +84,7 @@ class Heartbeat:
         import mlflow
         from mlflow.entities import RunTag
 
-        from tracking.shared_writes import retrying
+        from tracking.lifecycle.shared_writes import retrying
 
         tags = [RunTag(k, v) for k, v in owner_tags(self.shared, self.interval_s).items()]
         # retrying: the other owners of a shared run may record themselves at the same moment

@@ -8,7 +8,8 @@ from mlflow import MlflowClient
 
 from mnist_mlflow.models import count_params
 from tests.conftest import ROOT, tiny_run_config, use_fresh_store, use_store
-from tracking import runs, stage
+from tracking import stage
+from tracking.lifecycle import runs
 
 # one worker under pytest-xdist (--dist loadgroup): the module-scoped run is trained once
 pytestmark = pytest.mark.xdist_group("runs")

@@ -1,5 +1,6 @@
-"""Which run may be promoted: the criteria (the experiment file's target and budget, where
-promotion enforces the budget) and the scan for the first run that meets them."""
+"""Which run may be promoted: the criteria, and the scan for the first run that meets them.
+
+The criteria are the experiment file's target and budget (promotion enforces the budget)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from mnist_mlflow import config as C
 from mnist_mlflow.evaluation import HoldSummary, hold_summary
 from mnist_mlflow.models import count_params
 from tracking import cli
-from tracking.run_logging import MODEL_NAME
-from tracking.safe_model import MADE_BY, Unverifiable, load_verified, rebuild
+from tracking.lifecycle.run_logging import MODEL_NAME
+from tracking.lifecycle.safe_model import MADE_BY, Unverifiable, load_verified, rebuild
 from tracking.search.names import PARENT_TAG
 
 METRIC = "test_accuracy"
@@ -123,7 +124,7 @@ def param_int(run: Run, key: str) -> Optional[int]:
 
 def qualify(client: MlflowClient, cand: Candidate, crit: Criteria) -> Candidate:
     """Fills `reason` (cheapest checks first) and, for a qualifying run, the verified model.
-    Nothing from the store is executed: see tracking/safe_model.py."""
+    Nothing from the store is executed: see tracking/lifecycle/safe_model.py."""
     h = cand.hold
     if h.target_reached_epoch is None:
         cand.reason = f"needs {crit.hold} consecutive epochs >= {crit.target}%"

@@ -1,4 +1,4 @@
-"""Signals (tracking/signals.py) in a real process: SIGTERM ends a held run KILLED."""
+"""Signals (tracking/lifecycle/signals.py) in a real process: SIGTERM ends a held run KILLED."""
 
 import signal
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
-from tracking import signals
+from tracking.lifecycle import signals
 
 
 def _statuses():

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from tests.conftest import ROOT, migrated_store
 from tests.tracking.search.helpers import ROTATION, write_search
 from tests.tracking.test_stage import default_sigint
-from tracking import mlflow_run
+from tracking.lifecycle import mlflow_run
 from tracking.search.study import open_storage
 
 pytestmark = pytest.mark.slow  # each test starts a keeper process beside a stand-in
@@ -70,7 +70,8 @@ def test_without_a_report_the_keeper_leaves_mlflow_runs_status(stand_in):
 
 def test_the_keeper_idles_without_mlflow():
     """It waits through a whole training: judged by liveness's process rule, without MLflow loaded."""
-    probe = "import sys, tracking.mlflow_run; print(sorted(m for m in ('mlflow', 'torch') if m in sys.modules))"
+    probe = ("import sys, tracking.lifecycle.mlflow_run; "
+             "print(sorted(m for m in ('mlflow', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

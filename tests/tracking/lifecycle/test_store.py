@@ -1,4 +1,4 @@
-"""The tracking store's set-up (tracking/store.py), against real processes."""
+"""The tracking store's set-up (tracking/lifecycle/store.py), against real processes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 OPENER = """
 import os, sys, time, traceback
 import mlflow
-from tracking import store
+from tracking.lifecycle import store
 for folder in sys.argv[2:]:
     while not os.path.exists(folder + "/go"):
         time.sleep(0.001)

@@ -4,7 +4,7 @@ import warnings
 import mlflow
 
 from mnist_mlflow.data import make_splits
-from tracking.provenance import log_datasets
+from tracking.lifecycle.provenance import log_datasets
 
 
 def test_datasets_are_logged_with_their_source_and_no_warning(tracking_uri, mnist):

@@ -12,8 +12,8 @@ which `mlflow.start_run` deletes from our environment: `attach()` reads it at ou
   the run's status itself, FAILED on any non-zero exit, even over the KILLED we set (its "already
   terminated?" check compares the status string with integer states).
 
-So `attach()` also starts a keeper, ``python -m tracking.mlflow_run RUN_ID PID STARTED``, in a
-session of its own (a terminal's Ctrl-C does not reach it). Our command tells it, through a pipe,
+So `attach()` also starts a keeper, ``python -m tracking.lifecycle.mlflow_run RUN_ID PID STARTED``,
+in a session of its own (a terminal's Ctrl-C does not reach it). Our command tells it, through a pipe,
 the status it ended the run with; the keeper reads until our command has exited, however it
 ended, waits until `mlflow run` has exited too, so that nothing writes the status after it, and
 then puts our status back over a FAILED. No step depends on which process gets there first.
@@ -37,8 +37,8 @@ from typing import Callable, Optional
 
 import psutil
 
-from tracking.liveness import pid_is_owner
-from tracking.signals import Interrupts, exit_code
+from tracking.lifecycle.liveness import pid_is_owner
+from tracking.lifecycle.signals import Interrupts, exit_code
 
 # MLflow is imported in the functions that use it: the keeper runs this module and idles
 # through the training without it.
@@ -66,7 +66,7 @@ class Parent:
         as tag `error`, so the UI says why."""
         import mlflow
 
-        from tracking.store import check_store
+        from tracking.lifecycle.store import check_store
 
         with contextlib.suppress(Exception):  # the store may be the problem; the message is printed anyway
             check_store()  # an unusable store fails in seconds, not after MLflow's retries
@@ -80,7 +80,7 @@ class Parent:
         a signal, FAILED after an error; after success `mlflow run` ends it FINISHED."""
         import mlflow
 
-        from tracking.store import check_store
+        from tracking.lifecycle.store import check_store
 
         try:
             check_store()
@@ -145,7 +145,8 @@ def start_keeper(run_id: str, pid: int) -> tuple[subprocess.Popen, int]:
     """
     read_fd, write_fd = os.pipe()
     started = psutil.Process(pid).create_time()
-    keeper = subprocess.Popen([sys.executable, "-m", "tracking.mlflow_run", run_id, str(pid), repr(started)],
+    keeper = subprocess.Popen([sys.executable, "-m", "tracking.lifecycle.mlflow_run",
+                               run_id, str(pid), repr(started)],
                               stdin=read_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     os.close(read_fd)

@@ -12,9 +12,9 @@ import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
 
 from mnist_mlflow.data import Mnist, Splits
-from tracking.shared_writes import retrying
+from tracking.lifecycle.shared_writes import retrying
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent / "mnist_mlflow"
+PACKAGE_DIR = Path(__file__).resolve().parents[2] / "mnist_mlflow"
 
 
 def git_commit() -> str:

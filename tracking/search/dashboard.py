@@ -1,5 +1,7 @@
-"""optuna-dashboard on a search's storage: the study's own view (history, importances,
-intermediate values per trial), next to the MLflow UI's nested runs.
+"""The optuna-dashboard command for a search's storage, which the search prints when it ends.
+
+The study's own view (history, importances, intermediate values per trial), next to the MLflow
+UI's nested runs.
 
     pip install -e '.[dashboard]'
 """

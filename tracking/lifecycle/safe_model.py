@@ -1,4 +1,4 @@
-"""A candidate's logged model, loaded without running anything from the store.
+"""Reads a run's logged model back without running anything from the store: promotion's check.
 
 `mlflow.pytorch.load_model` unpickles the logged file and puts the model's attached code on
 sys.path: anyone who can log a run could run code on whoever promotes. Here the network is
