@@ -20,7 +20,7 @@ def _statuses():
 def test_sigterm_ends_the_run_killed(tmp_path, tracking_uri):
     script = (
         "import os, signal, mlflow\n"
-        "from tracking import runs, signals\n"
+        "from tracking.lifecycle import runs, signals\n"
         "with signals.Interrupts().installed():\n"
         "    with runs.tracked_run(run_name='t'):\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
