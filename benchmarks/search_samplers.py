@@ -73,7 +73,7 @@ def summary(result, minutes: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m benchmarks.search_samplers", __doc__)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="search file (default %(default)s)")
+    p.add_argument("--config", default=str(cli.ROOT / DEFAULT_CONFIG), help="search file (default: the repository's %(default)s)")
     p.add_argument("--combos", default=COMBOS, help="sampler:pruner,... (default %(default)s)")
     cli.add(p, "--minutes", float, 0, unset=30.0, help="each study's budget (default 30)")
     cli.add(p, "--repeats", int, 1, unset=1, help="studies per combination (default 1)")
