@@ -201,10 +201,6 @@ def parser() -> cli.Parser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    return mlflow_run.run_entry_point(lambda _parent: command(argv))
-
-
 def command(argv: list[str] | None) -> int:
     """The checks, then the chain; returns the exit status."""
     try:
@@ -219,14 +215,18 @@ def command(argv: list[str] | None) -> int:
         return 2
     try:
         parent_id, version = run_tune(args, storage, study)
-    except StepFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as exc:
         print("interrupted: the chain's runs are KILLED", file=sys.stderr)
         return exit_code(exc)
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"tune run {parent_id}: models:/{args.model_name}@{promote.ALIAS} is version {version}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return mlflow_run.run_entry_point(lambda _parent: command(argv))
 
 
 if __name__ == "__main__":
