@@ -18,7 +18,7 @@ from tracking.cli import markdown
 from tracking.search import names as N
 
 STEPS = ("search", "confirm", "promote")
-TRIAL_COLUMNS = ("number", N.TRIAL_STATE, "value", "last_epoch", "epochs_trained", "seeds")
+TRIAL_COLUMNS = ("number", N.TRIAL_STATE, "value", "last_epoch", N.EPOCHS_TRAINED, "seeds", N.VAL_HOLD_EPOCH)
 
 
 def tune_run(client: MlflowClient, experiment_ids: list[str], run_id: str) -> Run:
@@ -59,13 +59,15 @@ def artifact(client: MlflowClient, run_id: str, path: str) -> str:
 
 
 def trials_table(csv_text: str) -> str:
-    """trials.csv with the columns a reader compares; params shortened to their last part."""
+    """trials.csv with the columns a reader compares; params shortened to their last part.
+    Reads both layouts: Optuna's trials_dataframe (params_x, user_attrs_x) and the earlier one (params.x)."""
     import pandas as pd  # slow to import; only this table needs it
 
     df = pd.read_csv(io.StringIO(csv_text))
-    params = [c for c in df.columns if c.startswith("params.")]
+    df = df.rename(columns=lambda c: c.removeprefix("user_attrs_"))
+    params = [c for c in df.columns if c.startswith(("params_", "params."))]
     df = df[[c for c in TRIAL_COLUMNS if c in df.columns] + params]
-    df = df.rename(columns={c: c.split(".")[-1] for c in params})
+    df = df.rename(columns={c: c.split(".")[-1].removeprefix("params_") for c in params})
     rows = [{k: ("-" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}
             for r in df.to_dict("records")]
     return markdown(rows)

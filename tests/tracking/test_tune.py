@@ -156,7 +156,8 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
     assert report.main(["--tune", "latest"]) == 0
     text = capsys.readouterr().out
     for part in ("| search | FINISHED |", "| confirm | FINISHED |", "| promote | FINISHED |",
-                 "Trials: ", "epochs trained", "## Search", "| number | trial_state | value |", "Winner: ",
+                 "Trials: ", "epochs trained", "## Search", "| number | trial_state | value | last_epoch | epochs_trained |",
+                 "| rotation_degrees |", "Winner: ",
                  parent.data.tags["model_uri"], "| seed | precision | held |"):
         assert part in text, part
     assert report.main(["--tune", "latest", "--experiment", "no-such-experiment"]) == 2
