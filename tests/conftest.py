@@ -13,6 +13,12 @@ from pathlib import Path
 # an environment variable while other threads' HTTP requests iterate os.environ (KeyError, seen
 # in tests against a tracking server); tests send no telemetry anyway. Subprocesses inherit it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Before torch is imported: with `-n 2` each test process gets one core's share, so a run with
+# `threads: auto` (and every subprocess, which inherits this) never spreads over the core the
+# other test process is using (a 10 s training took 25 s that way).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 import mlflow  # noqa: E402
 import pytest

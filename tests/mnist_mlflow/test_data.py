@@ -127,7 +127,7 @@ def write_idx_dir(folder, mnist):
     ("train-images-idx3-ubyte", _header(59999, 28, 28), r"header says \(59999, 28, 28\); expected \(60000, 28, 28\)"),
     ("train-images-idx3-ubyte", _header(60000, 28, 28) + bytes(10), r"holds 10 values, its header says \(60000, 28, 28\)"),
     ("train-images-idx3-ubyte.gz", b"not gzip at all", "not a readable gzip file"),
-    ("train-images-idx3-ubyte.gz", gzip.compress(_header(60000, 28, 28) + bytes(range(256)) * 4)[:40],
+    ("train-images-idx3-ubyte.gz", gzip.compress(_header(60000, 28, 28) + bytes(range(256)) * 4, mtime=0)[:40],
      "not a readable gzip file"),
 ])
 def test_broken_idx_files_are_a_data_error_naming_the_file(tmp_path, name, content, message):
