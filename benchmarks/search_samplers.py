@@ -9,21 +9,26 @@ trial 0), for `--minutes`, as its own study in one storage. Repeats interleave (
 B2 ...), so that drifting load hits every combination alike, and repeat k uses sampler seed k.
 Prints, per combination: the best objective (validation hold epoch, lower is better), the
 minutes to the first trial that held on validation, trials by state, epochs an hour, and
-each combination's best against the first's. The study stays: a rerun of the same command
-with another `--study-prefix` adds repeats; `tracking.report` reads the runs.
+each combination's best against the first's, and the seed-to-seed noise of that best (the
+spread between repeats of one combination) that a difference must exceed. The studies stay:
+`--report` rebuilds the same document from the storage without training (`--out FILE` writes it,
+as docs/samplers.md was written), and a rerun with another `--study-prefix` adds repeats.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+import optuna
 import yaml
 
 from mnist_mlflow import config as C
 from tracking import cli
+from tracking.lifecycle.hardware import cpuinfo
 from tracking.search import names as N
 from tracking.search import report
 from tracking.search.plan import DEFAULT_CONFIG, Options
@@ -60,15 +65,47 @@ def search_file(folder: Path, base: Path, sampler: str, pruner: str) -> Path:
     return path
 
 
-def summary(result) -> dict:
-    """What one study found within its budget."""
-    trials = [t for t in result.study.get_trials(deepcopy=False) if t.datetime_start]
+def study_name(prefix: str, sampler: str, pruner: str, repeat: int) -> str:
+    return f"{prefix}-{sampler}-{pruner}-r{repeat}"
+
+
+def summary(study: optuna.Study) -> dict:
+    """What one study found within its budget, read from the study alone (so --report can)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start]
     start = min((t.datetime_start for t in trials), default=None)
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
     held = [t for t in trials if t.user_attrs.get(N.VAL_HOLD_EPOCH) and t.datetime_complete]
     first = min(((t.datetime_complete - start).total_seconds() / 60 for t in held), default=None)
-    best = result.best
+    best = report.best_trial(study)
     return {"best": best.value if best is not None else None, "first_hold_min": first,
-            **result.counts, **report.throughput(result.study)}
+            "span_min": (max(ends) - start).total_seconds() / 60 if ends else None,
+            **report.counts(study), **report.throughput(study)}
+
+
+def proxy(study: optuna.Study) -> str:
+    """The data a study's trials trained on (a cheaper proxy shows here)."""
+    for t in study.get_trials(deepcopy=False):
+        cfg = t.user_attrs.get(N.CONFIG) or {}
+        if cfg:
+            limit = cfg.get("data.train_limit")
+            return (f"{cfg.get('data.val_size')} validation images, "
+                    f"{'all other' if not limit else limit} training images, test_limit {cfg.get('data.test_limit')}")
+    return "unknown (no trial)"
+
+
+def collect(storage: str, prefix: str, combos: list[tuple[str, str]], repeats: int) -> tuple[dict, str]:
+    """Each combination's studies already in `storage` (repeats 1..repeats; missing ones skipped)."""
+    names = set(optuna.get_all_study_names(storage))
+    out: dict[tuple[str, str], list[dict]] = {c: [] for c in combos}
+    data = "unknown (no study)"
+    for sampler, pruner in combos:
+        for k in range(1, repeats + 1):
+            name = study_name(prefix, sampler, pruner, k)
+            if name in names:
+                study = optuna.load_study(study_name=name, storage=storage)
+                out[(sampler, pruner)].append(summary(study))
+                data = proxy(study)
+    return out, data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,26 +121,42 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_overrides(p, "epochs", "train_limit", "test_limit",
                       set_help="run-config override for every trial (a cheaper proxy, e.g. data.train_limit=20000)")
     p.add_argument("--experiment", default="search-samplers", help="MLflow experiment (default %(default)s)")
+    p.add_argument("--report", action="store_true", help="train nothing: the document from the studies in --storage")
+    p.add_argument("--out", default=None, help="also write the document (markdown) to this file")
     try:
         a = p.parse_args(argv)
         combos = parse_combos(a.combos)
     except C.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out: dict[tuple[str, str], list[dict]] = {c: [] for c in combos}
+    if a.report and a.storage.startswith("sqlite:///") and not Path(a.storage.removeprefix("sqlite:///")).exists():
+        print(f"error: --storage {a.storage!r}: no such file", file=sys.stderr)
+        return 2
+    if not a.report:
+        run_studies(a, combos)
+    out, data = collect(a.storage, a.study_prefix, combos, a.repeats)
+    if not any(out.values()):
+        print(f"error: no study {study_name(a.study_prefix, *combos[0], 1)!r} (or of the other pairs) "
+              f"in {a.storage}", file=sys.stderr)
+        return 2
+    text = document(out, data, argv if argv is not None else sys.argv[1:])
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+def run_studies(a, combos: list[tuple[str, str]]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for k in range(1, a.repeats + 1):
             for sampler, pruner in combos:
                 cfg = search_file(Path(folder), Path(a.config), sampler, pruner)
-                opts = Options(config=str(cfg), storage=a.storage, study_name=f"{a.study_prefix}-{sampler}-{pruner}-r{k}",
+                opts = Options(config=str(cfg), storage=a.storage, study_name=study_name(a.study_prefix, sampler, pruner, k),
                                budget_minutes=a.minutes, enqueue_base=False, sampler_seed=k,
                                workers=a.workers, n_trials=a.n_trials, experiment=a.experiment,
                                epochs=a.epochs, train_limit=a.train_limit, test_limit=a.test_limit,
                                overrides=tuple(o for item in a.overrides for o in item.split()))
-                out[(sampler, pruner)].append(summary(run_search(opts)))
-                print(f"{sampler}:{pruner} repeat {k}: {out[(sampler, pruner)][-1]}", flush=True)
-    print_table(out)
-    return 0
+                print(f"{sampler}:{pruner} repeat {k}: {summary(run_search(opts).study)}", flush=True)
 
 
 def _mean(values: list) -> float | None:
@@ -111,20 +164,69 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def print_table(out: dict[tuple[str, str], list[dict]]) -> None:
-    first = _mean([r["best"] for r in next(iter(out.values()))])
-    print("| sampler:pruner | studies | best objective (mean) | vs first | first hold (min) | "
-          "trials | PRUNED | STOPPED | REJECTED | epochs/h |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+def noise(out: dict[tuple[str, str], list[dict]]) -> tuple[float | None, int]:
+    """The pooled sd of one study's best objective between repeats of one combination (its
+    seed-to-seed noise), and its degrees of freedom; None with fewer than 2 repeats anywhere."""
+    squares, dof = 0.0, 0
+    for rows in out.values():
+        values = [r["best"] for r in rows if r["best"] is not None]
+        if len(values) >= 2:
+            mean = statistics.fmean(values)
+            squares += sum((v - mean) ** 2 for v in values)
+            dof += len(values) - 1
+    return (math.sqrt(squares / dof), dof) if dof else (None, 0)
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def document(out: dict[tuple[str, str], list[dict]], data: str, argv: list[str]) -> str:
+    """The markdown: the command, the CPU, per-study rows, the summary table and the noise."""
+    model, _ = cpuinfo()
+    lines = [f"<!-- generated: python -m benchmarks.search_samplers --report {' '.join(a for a in argv if a != '--report')} -->",
+             "# Samplers and pruners side by side", "",
+             f"Cold-start studies of experiments/search.yaml (only the sampler and pruner changed), "
+             f"two 1-thread workers each, on real MNIST: {data}. CPU: {model or 'unknown'}. "
+             "Objective: the validation hold epoch (lower is better; never held: the horizon + 1 + "
+             "the points short).", "",
+             "| sampler:pruner | repeat | best | first hold (min) | trials | COMPLETE | PRUNED | STOPPED | "
+             "REJECTED | FAIL | epochs | epochs/h | span (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (sampler, pruner), rows in out.items():
+        for k, r in enumerate(rows, 1):
+            lines.append(f"| {sampler}:{pruner} | {k} | {_num(r['best'])} | {_num(r['first_hold_min'], 0)} | "
+                         f"{sum(r[s] for s in N.STATES)} | "
+                         + " | ".join(str(r[s]) for s in (N.COMPLETE, N.PRUNED, N.STOPPED, N.REJECTED, N.FAIL))
+                         + f" | {r['epochs_trained']} | {_num(r.get('epochs_per_hour'), 0)} | {_num(r['span_min'], 1)} |")
+    lines += ["", *table(out), ""]
+    sd, dof = noise(out)
+    if sd is None:
+        lines.append("Noise: one study per combination, so no difference between them can be told from noise.")
+    else:
+        n = min(len(rows) for rows in out.values() if rows)
+        lines.append(f"Noise: one study's best objective varies between repeats with a pooled sd of {sd:.2f} "
+                     f"({dof} degrees of freedom); two means of {n} studies differ beyond it when apart by "
+                     f"more than 1.96 x sd x sqrt(2/{n}) = {1.96 * sd * math.sqrt(2 / n):.2f}.")
+    return "\n".join(lines)
+
+
+def table(out: dict[tuple[str, str], list[dict]]) -> list[str]:
+    first = _mean([r["best"] for r in next(iter(out.values()))])
+    lines = ["| sampler:pruner | studies | best objective (mean) | vs first | first hold (min) | "
+             "trials | PRUNED | STOPPED | REJECTED | epochs/h |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (sampler, pruner), rows in out.items():
+        if not rows:
+            continue
         best, hold = _mean([r["best"] for r in rows]), _mean([r["first_hold_min"] for r in rows])
         ratio = f"{best / first:.3f}" if best is not None and first else "-"
-        cells = [f"{sampler}:{pruner}", len(rows), "-" if best is None else f"{best:.2f}", ratio,
-                 "-" if hold is None else f"{hold:.0f}",
+        cells = [f"{sampler}:{pruner}", len(rows), _num(best), ratio, _num(hold, 0),
                  f"{_mean([sum(r[s] for s in N.STATES) for r in rows]):.1f}",
                  *(f"{_mean([r[s] for r in rows]):.1f}" for s in (N.PRUNED, N.STOPPED, N.REJECTED)),
                  f"{_mean([r.get('epochs_per_hour') for r in rows]) or 0:.0f}"]
-        print("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines
 
 
 if __name__ == "__main__":

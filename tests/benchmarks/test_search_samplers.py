@@ -15,12 +15,39 @@ def test_each_pair_is_its_own_cold_study_with_only_its_sampler_and_pruner_change
     storage = "sqlite:///samplers.db"
     assert search_samplers.main(["--combos", "random:median,tpe:hyperband", "--storage", storage, *TINY]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| random:median") or line.startswith("| tpe:hyperband")]
+    summary = out[out.index("| sampler:pruner | studies"):]
+    rows = [line for line in summary.splitlines() if line.startswith(("| random:median", "| tpe:hyperband"))]
     assert len(rows) == 2 and rows[0].split(" | ")[3] == "1.000"  # the first pair against itself
+    per_study = [line for line in out[:out.index(summary)].splitlines() if line.startswith("| tpe:hyperband | 1 |")]
+    assert len(per_study) == 1 and per_study[0].split(" | ")[4] == "2"  # its trials
+    assert "one study per combination, so no difference" in out  # one repeat: no noise estimate
     for name in ("samplers-random-median-r1", "samplers-tpe-hyperband-r1"):
         study = optuna.load_study(study_name=name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         assert len(trials) == 2 and not any(t.user_attrs.get("incumbent") for t in trials)  # cold
+
+    # --report rebuilds the same document from the storage, training nothing
+    document = out[out.index("<!-- generated"):].strip().split("\n", 1)[1]  # after the command line
+    assert search_samplers.main(["--report", "--combos", "random:median,tpe:hyperband", "--storage", storage,
+                                 "--out", "samplers.md", *TINY]) == 0
+    command, reported = capsys.readouterr().out.strip().split("\n", 1)
+    assert reported == document and open("samplers.md").read().strip() == f"{command}\n{reported}"
+    assert "--report --combos random:median,tpe:hyperband" in command and "--out samplers.md" in command
+    assert len(optuna.load_study(study_name="samplers-tpe-hyperband-r1", storage=storage).trials) == 2
+
+
+def test_the_noise_is_the_spread_between_repeats_of_one_pair():
+    rows = lambda *bests: [{"best": b} for b in bests]  # noqa: E731
+    sd, dof = search_samplers.noise({("tpe", "median"): rows(10.0, 12.0), ("gp", "median"): rows(11.0, 11.0),
+                                     ("random", "median"): rows(13.0)})
+    assert dof == 2 and abs(sd - 1.0) < 1e-12  # (2 + 0) / 2, the single study adds nothing
+    assert search_samplers.noise({("tpe", "median"): rows(10.0)}) == (None, 0)
+
+
+def test_a_report_of_a_missing_storage_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert search_samplers.main(["--report", "--storage", "sqlite:///nothing.db"]) == 2
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "nothing.db").exists()
 
 
 def test_the_written_search_file_differs_from_the_default_only_in_sampler_and_pruner(tmp_path):
