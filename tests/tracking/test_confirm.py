@@ -20,6 +20,7 @@ from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, options, write_search
 from tracking import confirm
 from tracking.search.run import run_search
+from tracking.search.space import load_search
 from tracking.search.study import open_storage
 from tracking import confirm_report as R
 
@@ -187,15 +188,17 @@ def test_screens_on_validation_picks_the_winner_and_confirms_it(study, tmp_path,
         assert r.data.params["hw.threads"] == r.data.params["threads"]
         assert r.data.params["data.val_size"] == "500" and r.data.params["data.train_size"] == "500"
 
-    # the winner is the best by validation histories, recomputed here from the logged metrics
+    # the winner: the best by validation histories, recomputed here from the logged metrics, and
+    # the base unless that one beats it beyond the file's noise (which one depends on the CPU)
     logged = [R.ScreenRun(r.data.tags["confirm_candidate"], 1, "", 1, r.info.run_id, val,
                           hold_summary(val, 20.0, 1))
               for r in screens
               for val in [[m.value for m in sorted(client.get_metric_history(r.info.run_id, "val_accuracy"),
                                                    key=lambda m: m.step)]]]
-    winner = R.rank([best, "base"], logged)[0].candidate
+    ranked = R.rank([best, "base"], logged)
+    winner, _ = R.choose(ranked, "base", load_search(config).settings.hold_epoch_sd)
     assert parent.data.tags["winner"] == winner == final.data.tags["confirm_candidate"]
-    assert parent.data.metrics[f"screen.{winner}.rank"] == 1
+    assert parent.data.metrics[f"screen.{ranked[0].candidate}.rank"] == 1
     assert parent.data.metrics[f"screen.{winner}.runs"] == 4
     table = mlflow.artifacts.load_text(f"runs:/{pid}/screening.md")
     assert len(table.strip().splitlines()) == 2 + 8 and "| candidate | seed | precision | threads | held |" in table
