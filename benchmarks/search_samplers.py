@@ -12,7 +12,8 @@ minutes to the first trial that held on validation, trials by state, epochs an h
 each combination's best against the first's, and the seed-to-seed noise of that best (the
 spread between repeats of one combination) that a difference must exceed. The studies stay:
 `--report` rebuilds the same document from the storage without training (`--out FILE` writes it,
-as docs/samplers.md was written), and a rerun with another `--study-prefix` adds repeats.
+as docs/samplers.md was written), and a rerun with another `--study-prefix` adds repeats. The same
+command run again skips the studies that ran their whole budget and reruns one cut off.
 """
 
 from __future__ import annotations
@@ -146,17 +147,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+DONE = "samplers_benchmark_done"  # a study attribute: it ran to its end
+
+
+def finished(storage: str, name: str) -> bool:
+    """Whether study `name` ran to its end (a rerun skips it); one cut off (its machine stopped)
+    is deleted, to run again from nothing."""
+    if name not in optuna.get_all_study_names(storage):
+        return False
+    study = optuna.load_study(study_name=name, storage=storage)
+    if study.user_attrs.get(DONE):
+        return True
+    print(f"{name}: cut off ({len(study.trials)} trials); run again", flush=True)
+    optuna.delete_study(study_name=name, storage=storage)
+    return False
+
+
 def run_studies(a, combos: list[tuple[str, str]]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for k in range(1, a.repeats + 1):
             for sampler, pruner in combos:
+                name = study_name(a.study_prefix, sampler, pruner, k)
+                if finished(a.storage, name):
+                    print(f"{name}: already in {a.storage}, skipped", flush=True)
+                    continue
                 cfg = search_file(Path(folder), Path(a.config), sampler, pruner)
-                opts = Options(config=str(cfg), storage=a.storage, study_name=study_name(a.study_prefix, sampler, pruner, k),
+                opts = Options(config=str(cfg), storage=a.storage, study_name=name,
                                budget_minutes=a.minutes, enqueue_base=False, sampler_seed=k,
                                workers=a.workers, n_trials=a.n_trials, experiment=a.experiment,
                                epochs=a.epochs, train_limit=a.train_limit, test_limit=a.test_limit,
                                overrides=tuple(o for item in a.overrides for o in item.split()))
-                print(f"{sampler}:{pruner} repeat {k}: {summary(run_search(opts).study)}", flush=True)
+                study = run_search(opts).study
+                study.set_user_attr(DONE, True)
+                print(f"{sampler}:{pruner} repeat {k}: {summary(study)}", flush=True)
 
 
 def _mean(values: list) -> float | None:

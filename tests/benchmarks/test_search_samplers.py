@@ -35,6 +35,23 @@ def test_each_pair_is_its_own_cold_study_with_only_its_sampler_and_pruner_change
     assert "--report --combos random:median,tpe:hyperband" in command and "--out samplers.md" in command
     assert len(optuna.load_study(study_name="samplers-tpe-hyperband-r1", storage=storage).trials) == 2
 
+    # the same command again skips the studies that ran to their end
+    assert search_samplers.main(["--combos", "random:median,tpe:hyperband", "--storage", storage, *TINY]) == 0
+    assert capsys.readouterr().out.count(f"already in {storage}, skipped") == 2
+    assert len(optuna.load_study(study_name="samplers-random-median-r1", storage=storage).trials) == 2
+
+
+def test_a_study_cut_off_is_deleted_to_run_again(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'samplers.db'}"
+    study = optuna.create_study(study_name="samplers-gp-median-r1", storage=storage)
+    study.ask()  # left RUNNING, as when the machine stopped
+    assert not search_samplers.finished(storage, "samplers-gp-median-r1")
+    assert "samplers-gp-median-r1" not in optuna.get_all_study_names(storage)
+    done = optuna.create_study(study_name="samplers-gp-median-r2", storage=storage)
+    done.set_user_attr(search_samplers.DONE, True)
+    assert search_samplers.finished(storage, "samplers-gp-median-r2")
+    assert not search_samplers.finished(storage, "samplers-absent-r1")
+
 
 def test_the_noise_is_the_spread_between_repeats_of_one_pair():
     rows = lambda *bests: [{"best": b} for b in bests]  # noqa: E731
