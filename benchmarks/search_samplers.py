@@ -1,7 +1,7 @@
 """Samplers and pruners side by side: the same search, the same time budget, cold starts.
 
     python -m benchmarks.search_samplers [--minutes 30] [--repeats 2] \\
-        [--combos tpe:median,tpe:hyperband,gp:median,random:median] [--set data.train_limit=20000]
+        [--combos tpe:median,tpe:hyperband,gp:median,random:median] [--startup 4] [--set data.train_limit=20000]
 
 Each combination (sampler:pruner) runs the default search file (experiments/search.yaml)
 with only `search.sampler.name` and `search.pruner` changed, nothing enqueued (no stage-3
@@ -55,12 +55,15 @@ def parse_combos(text: str) -> list[tuple[str, str]]:
     return combos
 
 
-def search_file(folder: Path, base: Path, sampler: str, pruner: str) -> Path:
-    """The search file with only the sampler's name and the pruner replaced (not merged: a
-    pruner's settings belong to it), still extending stage 3 for best_config.yaml."""
+def search_file(folder: Path, base: Path, sampler: str, pruner: str, startup: int | None = None) -> Path:
+    """The search file with only the sampler's name (and, given, its random start-up trials) and
+    the pruner replaced (not merged: a pruner's settings belong to it), still extending stage 3
+    for best_config.yaml."""
     raw = C.read_file(base)
-    raw["search"] = {**raw["search"], "sampler": {**raw["search"]["sampler"], "name": sampler},
-                     "pruner": PRUNER_SETTINGS[pruner]}
+    chosen = {**raw["search"]["sampler"], "name": sampler}
+    if startup is not None:
+        chosen["n_startup_trials"] = startup
+    raw["search"] = {**raw["search"], "sampler": chosen, "pruner": PRUNER_SETTINGS[pruner]}
     path = folder / f"search-{sampler}-{pruner}.yaml"
     path.write_text(yaml.safe_dump({C.EXTENDS: str(stage_file(base)), **raw}, sort_keys=False))
     return path
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add(p, "--repeats", int, 1, unset=1, help="studies per combination (default 1)")
     cli.add(p, "--workers", int, 1, help="worker processes (default: the file's, 2)")
     cli.add(p, "--n-trials", int, 1, help="a cap on each study's trials (default: the file's)")
+    cli.add(p, "--startup", int, 1, help="the samplers' random start-up trials (default: the file's, 8): "
+            "a study shorter than them compares no sampler, since pairs of one repeat share their seed")
     p.add_argument("--storage", default="sqlite:///samplers.db", help="Optuna storage (default %(default)s)")
     p.add_argument("--study-prefix", default="samplers", help="studies are <prefix>-<sampler>-<pruner>-r<k>")
     cli.add_overrides(p, "epochs", "train_limit", "test_limit",
@@ -171,7 +176,7 @@ def run_studies(a, combos: list[tuple[str, str]]) -> None:
                 if finished(a.storage, name):
                     print(f"{name}: already in {a.storage}, skipped", flush=True)
                     continue
-                cfg = search_file(Path(folder), Path(a.config), sampler, pruner)
+                cfg = search_file(Path(folder), Path(a.config), sampler, pruner, a.startup)
                 opts = Options(config=str(cfg), storage=a.storage, study_name=name,
                                budget_minutes=a.minutes, enqueue_base=False, sampler_seed=k,
                                workers=a.workers, n_trials=a.n_trials, experiment=a.experiment,

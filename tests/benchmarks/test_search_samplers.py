@@ -73,6 +73,8 @@ def test_the_written_search_file_differs_from_the_default_only_in_sampler_and_pr
     default = load_search(base)
     assert spec.base == default.base and spec.space == default.space
     assert spec.settings.sampler == {**default.settings.sampler, "name": "gp"}
+    shorter = load_search(search_samplers.search_file(tmp_path, base, "tpe", "median", startup=3))
+    assert shorter.settings.sampler == {**default.settings.sampler, "name": "tpe", "n_startup_trials": 3}
     assert spec.settings.pruner == {"name": "hyperband", "min_resource": 4, "reduction_factor": 3}
     assert yaml.safe_load((tmp_path / "search-gp-hyperband.yaml").read_text())["extends"] == str(
         ROOT / "experiments/stage3.yaml")
