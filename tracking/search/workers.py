@@ -13,8 +13,11 @@ again and its run ended FAILED by the first worker that looks (study.RetryAndClo
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
+import signal
 import socket
 import sys
 import time
@@ -127,8 +130,21 @@ class TrainedTrials:
             study.stop()
 
 
+def die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the search process dies, SIGKILL included (prctl's
+    PR_SET_PDEATHSIG), so that no orphan trains on to the end of the budget; the SIGTERM ends
+    its trial as an interrupt does. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_main(job: WorkerJob) -> None:
     """Entry point of a spawned worker process."""
+    die_with_parent()
     os.environ.pop("MLFLOW_RUN_ID", None)  # never adopt the parent run as our own
     T.pin_auto(job.threads)  # K workers share the free cores instead of fighting for them
     mlflow.set_tracking_uri(job.tracking_uri)

@@ -11,6 +11,7 @@ import time
 
 import mlflow
 import optuna
+import psutil
 import pytest
 from optuna.trial import TrialState
 
@@ -61,6 +62,35 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(tmp_path, mni
     assert mlflow.get_run(first.parent_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_workers_of_a_sigkilled_search_end_their_trials_and_exit(tmp_path, tracking_uri):
+    """SIGKILL to the search process itself (not a worker): its --workers 2 processes get SIGTERM
+    (PR_SET_PDEATHSIG), end their trials as interrupted and exit, instead of training on,
+    orphaned, to the end of the budget."""
+    config = write_search(tmp_path, ROTATION, enqueue_base=True)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracking.search", "--config", str(config), "--n-trials", "20",
+         "--workers", "2", "--epochs", "30", "--train-limit", "1000", "--test-limit", "300",
+         "--set", "data.val_size=500", "--storage", storage, "--study-name", "killed",
+         "--experiment", "search-test"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = psutil.Process(wait_for_incumbent_epoch(proc, storage))
+    assert worker.ppid() == proc.pid
+    proc.kill()
+    proc.wait()
+    gone = time.monotonic() + 60
+    while time.monotonic() < gone and worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.2)
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, "the worker trains on"
+
+    trials = optuna.load_study(study_name="killed", storage=storage).trials
+    assert trials[0].state == TrialState.FAIL and len(trials) <= 3  # no new trial after the kill
+    (run,) = trial_runs(0)
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+
+
 def wait_for_incumbent_epoch(proc: subprocess.Popen, storage: str, timeout: float = 300) -> int:
     """The pid of the local worker training the incumbent (trial 0), once it logged an epoch."""
     deadline = time.monotonic() + timeout
@@ -83,7 +113,6 @@ def trial_runs(number: int) -> list:
         f"tags.`{N.TRIAL_NUMBER_TAG}` = '{number}'")) if exp else []
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_a_killed_local_worker_is_recovered_and_its_incumbent_trial_run_again(tmp_path, tracking_uri):
     """SIGKILL to one of --workers 2 mid-trial: its trial (the enqueued stage-3 incumbent) is
