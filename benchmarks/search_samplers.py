@@ -81,7 +81,8 @@ def summary(study: optuna.Study) -> dict:
     held = [t for t in trials if t.user_attrs.get(N.VAL_HOLD_EPOCH) and t.datetime_complete]
     first = min(((t.datetime_complete - start).total_seconds() / 60 for t in held), default=None)
     best = report.best_trial(study)
-    return {"best": best.value if best is not None else None, "first_hold_min": first,
+    return {"best": best.value if best is not None else None, "best_trial": best.number if best is not None else None,
+            "first_hold_min": first,
             "span_min": (max(ends) - start).total_seconds() / 60 if ends else None,
             **report.counts(study), **report.throughput(study)}
 
@@ -218,12 +219,13 @@ def document(out: dict[tuple[str, str], list[dict]], data: str, argv: list[str])
              f"two 1-thread workers each, on real MNIST: {data}. CPU: {model or 'unknown'}. "
              "Objective: the validation hold epoch (lower is better; never held: the horizon + 1 + "
              "the points short).", "",
-             "| sampler:pruner | repeat | best | first hold (min) | trials | COMPLETE | PRUNED | STOPPED | "
+             "| sampler:pruner | repeat | best | best trial | first hold (min) | trials | COMPLETE | PRUNED | STOPPED | "
              "REJECTED | FAIL | epochs | epochs/h | span (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (sampler, pruner), rows in out.items():
         for k, r in enumerate(rows, 1):
-            lines.append(f"| {sampler}:{pruner} | {k} | {_num(r['best'])} | {_num(r['first_hold_min'], 0)} | "
+            lines.append(f"| {sampler}:{pruner} | {k} | {_num(r['best'])} | {r.get('best_trial', '-')} | "
+                         f"{_num(r['first_hold_min'], 0)} | "
                          f"{sum(r[s] for s in N.STATES)} | "
                          + " | ".join(str(r[s]) for s in (N.COMPLETE, N.PRUNED, N.STOPPED, N.REJECTED, N.FAIL))
                          + f" | {r['epochs_trained']} | {_num(r.get('epochs_per_hour'), 0)} | {_num(r['span_min'], 1)} |")
