@@ -13,7 +13,7 @@ each combination's best against the first's, and the seed-to-seed noise of that 
 spread between repeats of one combination) that a difference must exceed. The studies stay:
 `--report` rebuilds the same document from the storage without training (`--out FILE` writes it,
 as docs/samplers.md was written), and a rerun with another `--study-prefix` adds repeats. The same
-command run again skips the studies that ran their whole budget and reruns one cut off.
+command run again skips the studies that ran to their end and reruns one cut off.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def document(out: dict[tuple[str, str], list[dict]], data: str, argv: list[str])
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (sampler, pruner), rows in out.items():
         for k, r in enumerate(rows, 1):
-            lines.append(f"| {sampler}:{pruner} | {k} | {_num(r['best'])} | {r.get('best_trial', '-')} | "
+            lines.append(f"| {sampler}:{pruner} | {k} | {_num(r['best'])} | {'-' if r.get('best_trial') is None else r['best_trial']} | "
                          f"{_num(r['first_hold_min'], 0)} | "
                          f"{sum(r[s] for s in N.STATES)} | "
                          + " | ".join(str(r[s]) for s in (N.COMPLETE, N.PRUNED, N.STOPPED, N.REJECTED, N.FAIL))
@@ -234,10 +234,10 @@ def document(out: dict[tuple[str, str], list[dict]], data: str, argv: list[str])
     if sd is None:
         lines.append("Noise: one study per combination, so no difference between them can be told from noise.")
     else:
-        n = min(len(rows) for rows in out.values() if rows)
+        bars = "; ".join(f"of {n} {'study' if n == 1 else 'studies'} each, more than 1.96 x sd x sqrt(2/{n}) = "
+                         f"{1.96 * sd * math.sqrt(2 / n):.2f}" for n in sorted({len(rows) for rows in out.values() if rows}))
         lines.append(f"Noise: one study's best objective varies between repeats with a pooled sd of {sd:.2f} "
-                     f"({dof} degrees of freedom); two means of {n} studies differ beyond it when apart by "
-                     f"more than 1.96 x sd x sqrt(2/{n}) = {1.96 * sd * math.sqrt(2 / n):.2f}.")
+                     f"({dof} degrees of freedom); two means differ beyond it when apart, {bars}.")
     return "\n".join(lines)
 
 

@@ -54,12 +54,20 @@ def test_a_study_cut_off_is_deleted_to_run_again(tmp_path):
     assert not search_samplers.finished(storage, "samplers-absent-r1")
 
 
+SAMPLE = {"best_trial": None, "first_hold_min": None, "span_min": 7.0, "epochs_trained": 10, "epochs_per_hour": 500.0,
+          "COMPLETE": 1, "PRUNED": 0, "STOPPED": 0, "REJECTED": 0, "FAIL": 0, "SURPLUS": 0, "RUNNING": 0}
+
+
 def test_the_noise_is_the_spread_between_repeats_of_one_pair():
     rows = lambda *bests: [{"best": b} for b in bests]  # noqa: E731
     sd, dof = search_samplers.noise({("tpe", "median"): rows(10.0, 12.0), ("gp", "median"): rows(11.0, 11.0),
                                      ("random", "median"): rows(13.0)})
     assert dof == 2 and abs(sd - 1.0) < 1e-12  # (2 + 0) / 2, the single study adds nothing
     assert search_samplers.noise({("tpe", "median"): rows(10.0)}) == (None, 0)
+    text = search_samplers.document({("tpe", "median"): [dict(SAMPLE, best=10.0), dict(SAMPLE, best=12.0)],
+                                     ("gp", "median"): [dict(SAMPLE, best=11.0)]}, "tiny", [])
+    assert "of 1 study each, more than 1.96 x sd x sqrt(2/1) = 3.92" in text  # sd sqrt(2)
+    assert "of 2 studies each, more than 1.96 x sd x sqrt(2/2) = 2.77" in text
 
 
 def test_a_report_of_a_missing_storage_is_one_line(tmp_path, capsys, monkeypatch):
