@@ -14,6 +14,10 @@ its own child run, created here and handed to the step's process through ``MLFLO
    run that held the target. Promote opens no run of its own: its output and exit code are
    logged on the promote run here.
 
+Time: the chain fits ``--total-minutes`` (150): before anything starts, confirm's runs are timed
+on this machine (tracking/tune_time.py) and the search gets what they leave, at most its own
+budget, ending its running trials at that budget (``--hard-budget``).
+
 The parent records each step's run id (tags ``step.<name>.run_id``), the study and storage, and
 the promoted version. A step that fails ends the chain: its run and the parent are FAILED, later
 steps never start. Exit codes: 0 promoted; 1 a step failed; 2 bad input (nothing created);
@@ -27,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,16 +40,18 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mnist_mlflow import config as C
-from tracking import cli, confirm, promote
+from mnist_mlflow.data import DataError, load_mnist
+from tracking import cli, confirm, promote, tune_time
 from tracking.lifecycle import mlflow_run, runs
 from tracking.lifecycle.signals import exit_code
 from tracking.search import cli as search_cli
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
-from tracking.search.space import load_search
+from tracking.search.space import SearchSpec, load_search
 from tracking.search.study import redact
 
 OUTPUT = "output.txt"  # each step's stdout and stderr, on its run
+TOTAL_MINUTES = 150.0  # the chain on a 2-core CPU: search, then confirm, then promote
 INTERRUPT_GRACE_S = 60  # for a step to end its runs after Ctrl-C, before it is terminated
 
 
@@ -83,9 +90,11 @@ def given(args: argparse.Namespace, dests: tuple[str, ...]) -> dict[str, Any]:
     return {dest: getattr(args, dest) for dest in dests}
 
 
-def search_step(args: argparse.Namespace, storage: str, study: str) -> Step:
+def search_step(args: argparse.Namespace, storage: str, study: str, minutes: float) -> Step:
+    """The search ends by its share of the chain's time: no trial starts or runs past it."""
     return Step("search", step_argv("tracking.search", search_cli.parser(), {
-        "config": args.config, "storage": storage, "study_name": study, **given(args, SEARCH_FLAGS)}))
+        "config": args.config, "storage": storage, "study_name": study, **given(args, SEARCH_FLAGS),
+        "budget_minutes": f"{minutes:.1f}", "hard_budget": "true"}))
 
 
 def confirm_step(args: argparse.Namespace, storage: str, study: str) -> Step:
@@ -157,14 +166,17 @@ def finish(client: MlflowClient, run_id: str, rc: int, lines: list[str]) -> None
 
 # ---------------------------------------------------------------- the chain
 
-def run_tune(args: argparse.Namespace, storage: str, study: str) -> tuple[str, str]:
+def run_tune(args: argparse.Namespace, storage: str, study: str,
+             chain: tune_time.ChainBudget) -> tuple[str, str]:
     """The chain under one parent run; returns (parent run id, promoted version)."""
+    start = time.monotonic()
     with runs.tracked_run(run_name="tune", tags={"stage": "tune", N.STUDY_TAG: study,
                                                  N.STORAGE_TAG: redact(storage)}) as parent:
         parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
         mlflow.log_params({"tune.config": args.config, "tune.study_name": study,
-                           "tune.storage": redact(storage), "tune.model_name": args.model_name})
-        run_step(search_step(args, storage, study), parent_id, experiment_id)
+                           "tune.storage": redact(storage), "tune.model_name": args.model_name,
+                           **chain.params()})
+        run_step(search_step(args, storage, study, chain.search), parent_id, experiment_id)
         confirm_id = run_step(confirm_step(args, storage, study), parent_id, experiment_id)
         promote_id = run_step(promote_step(args, confirm_id), parent_id, experiment_id)
         version = MlflowClient().get_model_version_by_alias(args.model_name, promote.ALIAS)
@@ -174,28 +186,33 @@ def run_tune(args: argparse.Namespace, storage: str, study: str) -> tuple[str, s
         mlflow.set_tags(info)
         for key, value in info.items():
             MlflowClient().set_tag(promote_id, key, value)
+        mlflow.log_metric("minutes", (time.monotonic() - start) / 60)  # against tune.total_minutes
     return parent_id, str(version.version)
 
 
-def check(args: argparse.Namespace) -> tuple[str, str]:
-    """Every check that needs no run; returns (storage, study name)."""
+def check(args: argparse.Namespace) -> tuple[SearchSpec, str, str]:
+    """Every check that needs no run; returns (search file, storage, study name)."""
     spec = load_search(args.config, cli.overrides(args, confirm.CONFIG_FLAGS))
     for name in ("precisions", "final_precisions"):
         cli.choice_list(name.replace("_", "-"), getattr(args, name), confirm.PRECISIONS)
     cli.int_list("threads", args.threads, 1)
     crit = promote.Criteria.of(target=args.target, hold=args.hold)
     promote.check_arguments(args.model_name, crit.target, crit.hold)
-    return args.storage or spec.settings.storage, args.study_name or spec.settings.study_name
+    return spec, args.storage or spec.settings.storage, args.study_name or spec.settings.study_name
 
 
 def parser() -> cli.Parser:
     p = cli.parser("python -m tracking.tune", __doc__)
-    # Sized for 2 CPU cores: the search's hour, then 2 candidates + the base x 2 seeds on
-    # validation and 10 final seeds on test, fp32 at 2 threads (README: add bf16 where native).
+    # Sized for 2 CPU cores: 2 candidates + the base x 2 seeds on validation and 10 final seeds on
+    # test, fp32 at 2 threads (README: add bf16 where native); the search gets what they leave of
+    # --total-minutes, at most its hour.
     confirm.add_step_arguments(p, {"top": "2", "seeds": "2", "precisions": "fp32",
                                    "threads": "2", "final_seeds": "10",
                                    "final_precisions": "fp32"}, what="confirm: ")
     search_cli.add_trial_arguments(p, what="search: ")
+    cli.add(p, "--total-minutes", float, 1, unset=TOTAL_MINUTES,
+            help=f"the whole chain's time (default {TOTAL_MINUTES:g}): confirm's runs are timed here "
+                 "first and the search gets the rest, at most --budget-minutes")
     promote.add_step_arguments(p, what="promote: ")  # only the promote step has a target
     cli.add_experiment(p)
     return p
@@ -208,13 +225,16 @@ def command(argv: list[str] | None) -> int:
         args.config = args.config or DEFAULT_CONFIG  # '' is MLproject's unset
         args.model_name = args.model_name or promote.DEFAULT_MODEL_NAME
         cli.check_server()
-        storage, study = check(args)
+        spec, storage, study = check(args)
+        chain = tune_time.plan_chain(spec, args, load_mnist(spec.base.data.data_dir))
         cli.use_experiment(args.experiment)
-    except (confirm.ConfirmError, C.ConfigError, promote.PromotionError, MlflowException) as exc:
+    except (confirm.ConfirmError, C.ConfigError, promote.PromotionError, MlflowException, DataError,
+            tune_time.ChainTooLong) as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
+    print(chain.line(), flush=True)
     try:
-        parent_id, version = run_tune(args, storage, study)
+        parent_id, version = run_tune(args, storage, study, chain)
     except KeyboardInterrupt as exc:
         print("interrupted: the chain's runs are KILLED", file=sys.stderr)
         return exit_code(exc)

@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, write_search
-from tracking import confirm, promote, report, tune
+from mnist_mlflow import threads as T
+from tracking import confirm, promote, report, tune, tune_time
 from tracking.search import cli as search_cli
 
 QUICK = "data.val_size=500 device=cpu optim.batch_size=32 optim.ema_decay=0.9"
@@ -52,7 +53,7 @@ def test_each_step_reads_tunes_flags_with_its_own_parser():
         "--set", "data.val_size=500 device=cpu", "--set", "optim.lr=0.01", "--top", "1",
         "--precisions", "bf16,fp32", "--final-seeds", "3", "--model-name", "m", "--target", "20",
         "--hold", "1", "--experiment", "not passed on"])
-    steps = [(tune.search_step(args, "sqlite:///s.db", "study"), "tracking.search", search_cli.parser(),
+    steps = [(tune.search_step(args, "sqlite:///s.db", "study", 1.5), "tracking.search", search_cli.parser(),
               tune.SEARCH_FLAGS),
              (tune.confirm_step(args, "sqlite:///s.db", "study"), "tracking.confirm", confirm.parser(),
               tune.CONFIRM_FLAGS),
@@ -65,6 +66,7 @@ def test_each_step_reads_tunes_flags_with_its_own_parser():
         assert "--experiment" not in step.argv and "--from-experiment" not in step.argv
     search, confirmed, promoted = (p.parse_args(s.argv[3:]) for s, _, p, _ in steps)
     assert (search.n_trials, search.budget_minutes, search.test_limit) == (3, 1.5, None)
+    assert search.hard_budget is True  # the chain's share of the time ends the search
     assert search.overrides == confirmed.overrides == ["data.val_size=500 device=cpu", "optim.lr=0.01"]
     for got in (search, confirmed):
         assert (got.config, got.storage, got.study_name) == (args.config, "sqlite:///s.db", "study")
@@ -74,11 +76,41 @@ def test_each_step_reads_tunes_flags_with_its_own_parser():
     assert promoted.config == str(ROOT / "experiments/stage3.yaml")  # not tune's search file
 
 
+def test_confirm_is_timed_first_and_the_search_gets_what_is_left(tmp_path, mnist):
+    config = write_search(tmp_path, ROTATION)
+    args = tune.parser().parse_args(["--config", str(config), "--train-limit", "2000", "--test-limit", "500",
+                                     "--set", QUICK, "--top", "1", "--seeds", "2", "--threads", "1,2",
+                                     "--final-seeds", "3", "--total-minutes", "40"])
+    spec, _, _ = tune.check(args)
+    chain = tune_time.plan_chain(spec, args, mnist)
+    s = chain.epoch_seconds
+    assert set(s) == {"screen fp32 t1", "screen fp32 t2", f"final fp32 t{T.TORCH_DEFAULT}"}
+    screen = (1 + 1) * 2 * spec.horizon * (s["screen fp32 t1"] + s["screen fp32 t2"])
+    final = 3 * spec.horizon * s[f"final fp32 t{T.TORCH_DEFAULT}"]
+    assert chain.confirm == pytest.approx((screen + final) / 60)
+    assert (chain.screen_runs, chain.final_runs, chain.epochs) == (8, 3, spec.horizon)
+    assert chain.search == pytest.approx(min(60, 40 - chain.confirm - tune_time.OVERHEAD_MINUTES))
+    # on all of MNIST, 10 final seeds do not fit in 15 minutes anywhere
+    args = tune.parser().parse_args(["--config", str(config), "--total-minutes", "15"])
+    with pytest.raises(tune_time.ChainTooLong, match=r"--total-minutes=15 is not enough here: .* allow at least"):
+        tune_time.plan_chain(tune.check(args)[0], args, mnist)
+
+
+def test_a_chain_that_cannot_fit_its_time_exits_2_before_any_run(tmp_path, env, capsys):
+    code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",
+                      "--train-limit", "1000", "--set", QUICK, "--total-minutes", "12"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--total-minutes=12 is not enough here" in err and len(err.strip().splitlines()) == 1
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
 @pytest.mark.slow  # the search step is a process of its own
 def test_a_failing_step_fails_the_chain_and_stops_it(tmp_path, env, capsys):
     # the search step refuses a journal file in a folder that does not exist (its exit 2)
     code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",
-                      "--storage", f"journal:{tmp_path}/missing/optuna.log", "--n-trials", "1"])
+                      "--storage", f"journal:{tmp_path}/missing/optuna.log", "--n-trials", "1",
+                      "--train-limit", "1000", "--set", QUICK])  # confirm's timing: quick
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: step search failed (exit 2") and "does not exist" in err[-1]
@@ -131,6 +163,12 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
         assert parent.data.tags[f"step.{name}.run_id"] == run.info.run_id
     assert parent.data.params["tune.study_name"] == "quick"
     assert parent.data.params["tune.storage"] == f"sqlite:///{tmp_path}/optuna.db"
+    # the chain's time: confirm's runs timed first, the search got the file's 60 minutes and ends by them
+    assert parent.data.params["tune.total_minutes"] == "150.0" and parent.data.params["tune.search_minutes"] == "60.0"
+    assert float(parent.data.params["tune.confirm_estimate_minutes"]) < 5
+    assert steps["search"].data.params["search.hard_budget"] == "True"
+    assert steps["search"].data.params["search.timeout"] == "3600.0"
+    assert 0 < parent.data.metrics["minutes"] < 30
 
     # each step logged into its own run: the trials nest under search, confirm's runs under confirm
     search_id, confirm_id = steps["search"].info.run_id, steps["confirm"].info.run_id

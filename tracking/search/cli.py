@@ -37,6 +37,9 @@ def parser() -> cli.Parser:
                                                  "journal:<file>, or any SQLAlchemy URL")
     p.add_argument("--study-name", default="", help="Optuna study; same name + storage = resume")
     cli.add(p, "--timeout", float, 0, help="the same in seconds (wins over --budget-minutes)")
+    cli.add(p, "--hard-budget", bool, help="at the time budget, running trials end too, at their "
+            "next epoch (STOPPED; a racing trial scores the seeds it finished): the search "
+            "ends by the budget (default false: a running trial finishes; tracking.tune sets it)")
     cli.add(p, "--workers", int, 1, help="local worker processes (default: the file's search.workers)")
     cli.add(p, "--enqueue-base", bool, help="a new study's first trial is the file's base recipe "
             "(default: the file's search.enqueue_base; false: a cold start)")
@@ -68,7 +71,7 @@ def parse_args(argv: list[str] | None) -> Options:
         experiment=a.experiment, max_params=a.max_params,
         overrides=tuple(o for item in a.overrides for o in item.split()),
         study_trials=a.study_trials, heartbeat=a.heartbeat, budget_minutes=a.budget_minutes,
-        enqueue_base=a.enqueue_base)
+        enqueue_base=a.enqueue_base, hard_budget=bool(a.hard_budget))
 
 
 def print_result(r: SearchResult) -> None:

@@ -37,7 +37,8 @@ VAL_HOLD_EPOCH = "val_hold_epoch"
 INCUMBENT = "incumbent"  # the base config, enqueued as a new study's first trial
 EPOCHS_TRAINED = "epochs_trained"  # over all its seeds, however the trial ended
 SEED_SCORES = "seed_scores"  # {seed: objective} of every seed the trial trained (racing)
-STOPPED_ATTR = "stopped_early"  # the reason: it could no longer come near the best trial
+STOPPED_ATTR = "stopped_early"  # the reason: it could no longer come near the best trial, or time ran out
+RACE_CUT = "race_cut"  # also a tag: the hard budget ended its race; it scores the seeds it finished
 
 # ---------------------------------------------------------------- trial states
 # One vocabulary for the trial_state tag, the printed counts and trials.csv.

@@ -17,6 +17,7 @@ objective only tags it. The names are tracking/search/names.py's.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Optional
 
@@ -47,6 +48,10 @@ class TrialContext:
     mnist: Mnist
     worker: str = ""  # host:pid, recorded on every trial and its run
     quota: Optional[int] = None  # shared search: finished trials the whole study stops at
+    deadline: Optional[float] = None  # --hard-budget: the Unix time at which trials end
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
 
 
 class SurplusTrial(Exception):
@@ -55,6 +60,11 @@ class SurplusTrial(Exception):
 
 class Pruned(optuna.TrialPruned, runs.StopRun):
     """The pruner stopped the trial: PRUNED in Optuna, its run ended KILLED by run_training."""
+
+
+class RaceCut(runs.StopRun):
+    """The search's hard budget ended a racing trial's further seed: that seed's run is KILLED,
+    the trial scores the seeds it finished."""
 
 
 def is_surplus(study: optuna.Study, number: int, quota: int) -> bool:
@@ -83,11 +93,16 @@ class HoldReporter:
     trial as soon as even its best possible score is above it: it could not become the best
     (nor be raced), so its remaining epochs would teach nothing. A further seed of a racing
     trial (`primary=False`) neither reports nor stops early.
+
+    `out_of_time` (the search's hard budget) ends a trial that has not held yet: STOPPED, or
+    for a further seed `RaceCut`.
     """
 
     def __init__(self, trial: optuna.Trial, spec: SearchSpec, epochs: int,
-                 bar: Callable[[], Optional[float]] = lambda: None, primary: bool = True):
+                 bar: Callable[[], Optional[float]] = lambda: None, primary: bool = True,
+                 out_of_time: Callable[[], bool] = lambda: False):
         self.trial, self.spec, self.epochs, self.bar, self.primary = trial, spec, epochs, bar, primary
+        self.out_of_time = out_of_time
         self.val: list[float] = []
 
     @property
@@ -118,10 +133,18 @@ class HoldReporter:
     def __call__(self, m: EpochMetrics) -> bool:
         self.val.append(m.val_accuracy)
         if not self.primary:
-            return self.held
+            if self.held:
+                return True
+            if self.out_of_time():
+                raise RaceCut(f"the search's time budget ended at epoch {m.epoch}")
+            return False
         self.trial.report(self.progress, m.epoch)
         if self.held:
             return True  # stop: the objective is final
+        if self.out_of_time():
+            reason = f"stopped at epoch {m.epoch}: the search's time budget ended (--hard-budget)"
+            self.trial.set_user_attr(N.STOPPED_ATTR, reason)
+            raise Pruned(reason)
         bar = self.bar()
         if bar is not None and self.lowest_possible() > bar:
             reason = (f"stopped at epoch {m.epoch}: its best possible score "
@@ -211,8 +234,9 @@ class Objective:
 
     def _train(self, trial: optuna.Trial, cfg: C.RunConfig) -> float:
         race = self.ctx.spec.settings.race
+        out_of_time = self.ctx.past_deadline
         reporter = HoldReporter(trial, self.ctx.spec, cfg.optim.epochs,
-                                bar=lambda: race_bar(trial.study, race["margin"]))
+                                bar=lambda: race_bar(trial.study, race["margin"]), out_of_time=out_of_time)
         reporters = [reporter]
         try:
             try:
@@ -223,9 +247,18 @@ class Objective:
                 if race["seeds"] > 1 and reporter.held and not _behind(
                         reporter.value, race_bar(trial.study, race["margin"])):
                     for seed in range(cfg.seed + 1, cfg.seed + race["seeds"]):
-                        reporters.append(HoldReporter(trial, self.ctx.spec, cfg.optim.epochs, primary=False))
-                        scores[str(seed)] = self._race_seed(trial, C.replace(cfg, {"seed": seed}),
-                                                            outcome.run_id, reporters[-1])
+                        if out_of_time():
+                            self._cut(trial, outcome.run_id, f"seed {seed} never started: the "
+                                                             "search's time budget had ended")
+                            break
+                        reporters.append(HoldReporter(trial, self.ctx.spec, cfg.optim.epochs, primary=False,
+                                                      out_of_time=out_of_time))
+                        try:
+                            scores[str(seed)] = self._race_seed(trial, C.replace(cfg, {"seed": seed}),
+                                                                outcome.run_id, reporters[-1])
+                        except RaceCut as exc:  # its run is KILLED already
+                            self._cut(trial, outcome.run_id, f"seed {seed}: {exc}", exc.run_id)
+                            break
                         trial.set_user_attr(N.SEED_SCORES, scores)
             finally:  # what the trial cost, however it ended: the search's epochs per hour
                 trial.set_user_attr(N.EPOCHS_TRAINED, sum(len(r.val) for r in reporters))
@@ -250,6 +283,13 @@ class Objective:
         self.client.set_tag(outcome.run_id, N.TRIAL_STATE, N.COMPLETE)
         trial.set_user_attr(N.RUN_ATTR, outcome.run_id)
         return value
+
+    def _cut(self, trial: optuna.Trial, trial_run_id: str, reason: str,
+             seed_run_id: Optional[str] = None) -> None:
+        """A race the hard budget cut short: the trial scores the seeds it finished."""
+        trial.set_user_attr(N.RACE_CUT, reason)
+        for run_id in filter(None, (trial_run_id, seed_run_id)):
+            self.client.set_tag(run_id, N.RACE_CUT, reason)
 
     def _fit(self, trial: optuna.Trial, cfg: C.RunConfig, reporter: HoldReporter, name: str,
              tags: dict[str, str]) -> runs.RunOutcome:

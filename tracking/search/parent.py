@@ -84,7 +84,8 @@ def describe(run_id: str, plan: Plan, queued: list[int]) -> None:
         "search.config": spec.source, "search.study_name": plan.study_name,
         "search.storage": redact(plan.storage), "search.n_trials": plan.n_trials,
         "search.workers": plan.workers, "search.seed": plan.sampler_seed,
-        "search.timeout": plan.timeout, "search.epochs": spec.base.optim.epochs,
+        "search.timeout": plan.timeout, "search.hard_budget": plan.hard_budget,
+        "search.epochs": spec.base.optim.epochs,
         "search.budget": spec.budget, "search.pruner": s.pruner,
         "search.objective": report.objective_text(spec), "search.val_margin": s.val_margin,
         "search.requeued_trials": queued}

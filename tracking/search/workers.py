@@ -60,6 +60,14 @@ class WorkerJob:
     threads: Optional[int]  # what threads: auto means in a spawned worker (its share of the cores)
     quota: Optional[int] = None  # shared search: the study's finished trials to reach
     heartbeat: int = HEARTBEAT_S
+    deadline: Optional[float] = None  # --hard-budget: the Unix time at which running trials end
+
+    def seconds_left(self) -> Optional[float]:
+        """No trial starts after this: the timeout, or less once a deadline is nearer (a
+        replaced worker starts late)."""
+        if self.deadline is None:
+            return self.timeout
+        return max(0.0, self.deadline - time.time())
 
 
 def worker_name() -> str:
@@ -85,9 +93,11 @@ def make_jobs(plan: Plan, parent_run_id: str, experiment_id: str, n_existing: in
     per_worker = [None] * k if plan.shared else shares(plan.n_trials, k)
     # Workers on other machines share seed and history: this machine and process tell them apart.
     salt = zlib.crc32(worker_name().encode()) if plan.shared else 0
+    deadline = time.time() + plan.timeout if plan.hard_budget else None
     return [WorkerJob(plan.spec, plan.storage, plan.study_name, n, plan.timeout,
                       sampler_seed(plan.sampler_seed, n_existing, i, salt), parent_run_id,
-                      experiment_id, mlflow.get_tracking_uri(), threads, quota, plan.heartbeat)
+                      experiment_id, mlflow.get_tracking_uri(), threads, quota, plan.heartbeat,
+                      deadline)
             for i, n in enumerate(per_worker) if n is None or n > 0]
 
 
@@ -98,11 +108,12 @@ def optimize(job: WorkerJob, mnist: Mnist | None = None) -> None:
                               sampler=make_sampler(job.spec.settings, job.sampler_seed),
                               pruner=make_pruner(job.spec.settings.pruner))
     ctx = TrialContext(job.spec, job.study_name, job.parent_run_id, job.experiment_id,
-                       mnist or load_mnist(job.spec.base.data.data_dir), worker_name(), job.quota)
+                       mnist or load_mnist(job.spec.base.data.data_dir), worker_name(), job.quota,
+                       job.deadline)
     if job.quota is not None:
-        optimize_to_quota(study, Objective(ctx), job.quota, job.timeout, poll_s=min(5, job.heartbeat))
+        optimize_to_quota(study, Objective(ctx), job.quota, job.seconds_left(), poll_s=min(5, job.heartbeat))
     else:
-        study.optimize(Objective(ctx), timeout=job.timeout, catch=(Exception,),
+        study.optimize(Objective(ctx), timeout=job.seconds_left(), catch=(Exception,),
                        gc_after_trial=True, callbacks=[TrainedTrials(job.n_trials)])
 
 

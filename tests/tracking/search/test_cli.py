@@ -49,7 +49,7 @@ def test_mlproject_search_entry_passes_every_parameter():
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
     params = entry["parameters"]
     assert set(params) == {"config", "n_trials", "epochs", "storage", "study_name", "budget_minutes",
-                           "timeout", "workers", "enqueue_base", "sampler_seed", "train_limit", "test_limit",
+                           "hard_budget", "timeout", "workers", "enqueue_base", "sampler_seed", "train_limit", "test_limit",
                            "max_params", "set"}
     argv = shlex.split(entry["command"].format(**{k: shlex.quote(v["default"])
                                                   for k, v in params.items()}))
@@ -66,7 +66,10 @@ def test_bad_shared_options_are_refused_before_anything_exists(tmp_path, capsys)
     assert search.main(["--study-trials", "0"]) == 2
     assert "--study-trials='0' is not allowed" in capsys.readouterr().err
     assert search.main(["--heartbeat", "0"]) == 2
-    assert not list(tmp_path.iterdir())
+    config = write_search(tmp_path, ROTATION, budget_minutes=None)
+    assert search.main(["--config", str(config), "--hard-budget", "true"]) == 2
+    assert "--hard-budget ends running trials at the time budget, and there is none" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.yaml"]
 
 
 def wait_for_trial_epoch(proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -4,6 +4,7 @@ data, and the MLflow runs each state leaves."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import mlflow
@@ -225,3 +226,70 @@ def test_a_trial_that_never_held_is_not_raced(tmp_path, mnist, tracking_uri):
     (trial,) = result.study.trials
     assert trial.user_attrs["val_hold_epoch"] is None and list(trial.user_attrs["seed_scores"]) == ["1"]
     assert trial.user_attrs["epochs_trained"] == 1
+
+
+def test_the_hard_budget_stops_a_trial_that_has_not_held_and_cuts_a_race():
+    """Out of time: a first seed that has not held is STOPPED at that epoch; a further seed
+    raises RaceCut (its run ends KILLED); a seed that held is left alone."""
+    from mnist_mlflow.train import EpochMetrics
+    from tracking.search.objective import HoldReporter, Pruned, RaceCut
+
+    spec = load_search(SEARCH_YAML)
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.NopPruner())
+    metrics = lambda epoch, acc: EpochMetrics(epoch, 0.1, 99.0, 0.1, 99.0, 0.01, 1.0,  # noqa: E731
+                                              val_loss=0.1, val_accuracy=acc)
+    late = [False]
+    first = HoldReporter(study.ask(), spec, 15, out_of_time=lambda: late[0])
+    assert first(metrics(1, 98.0)) is False
+    late[0] = True
+    with pytest.raises(Pruned, match="stopped at epoch 2: the search's time budget ended"):
+        first(metrics(2, 98.0))
+    assert "time budget" in study.trials[-1].user_attrs["stopped_early"]
+    further = HoldReporter(study.ask(), spec, 15, primary=False, out_of_time=lambda: True)
+    with pytest.raises(RaceCut, match="ended at epoch 1"):
+        further(metrics(1, 98.0))
+    clock = [False]
+    held = HoldReporter(study.ask(), spec, 15, primary=False, out_of_time=lambda: clock[0])
+    for epoch in range(1, 4):
+        assert held(metrics(epoch, 99.9)) is False
+    clock[0] = True
+    assert held(metrics(4, 99.9)) is True  # held: done, whatever the clock says
+
+
+def test_a_hard_budget_search_ends_its_running_trial_at_the_budget(tmp_path, mnist, tracking_uri):
+    config = write_search(tmp_path, ROTATION, race={"seeds": 3, "margin": 100.0})
+    # 300 epochs would take minutes; 256 training images never hold 99.8 %
+    opts = options(tmp_path, config, n_trials=2, epochs=300, timeout=4, hard_budget=True,
+                   overrides=("data.val_size=500", "device=cpu", "target.accuracy=100"))
+    start = time.monotonic()
+    result = run_search(opts, mnist=mnist)
+    assert time.monotonic() - start < 60
+    (trial,) = result.study.trials  # the budget ended before a second could start
+    assert trial.state == TrialState.PRUNED and "time budget" in trial.user_attrs["stopped_early"]
+    assert 1 <= trial.user_attrs["epochs_trained"] < 300
+    (run,) = child_runs(result.parent_run_id)
+    assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "STOPPED"
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.data.params["search.hard_budget"] == "True" and parent.data.metrics["n_stopped_early"] == 1
+
+
+def test_a_race_the_hard_budget_reaches_scores_the_seeds_it_finished(tmp_path, mnist, tracking_uri):
+    """The deadline has passed when the first seed holds (at epoch 1, on an easy threshold):
+    the trial is COMPLETE on that seed, its further seeds never start."""
+    from tracking.search.objective import Objective, TrialContext
+
+    config = write_search(tmp_path, ROTATION, race={"seeds": 3, "margin": 100.0})
+    spec = load_search(config, {"data.val_size": 500, "device": "cpu", "data.train_limit": 256,
+                                "data.test_limit": 300, "optim.epochs": 2, "target.accuracy": 1,
+                                "target.hold": 1})
+    study = optuna.create_study(direction="minimize")
+    experiment_id = mlflow.set_experiment("race-cut").experiment_id  # a worker's, as in worker_main
+    with mlflow.start_run() as parent:
+        ctx = TrialContext(spec, "race-cut", parent.info.run_id, experiment_id, mnist,
+                           deadline=time.time() - 1)
+        study.optimize(Objective(ctx), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and list(trial.user_attrs["seed_scores"]) == ["1"]
+    assert "seed 2 never started" in trial.user_attrs["race_cut"]
+    (run,) = child_runs(parent.info.run_id)
+    assert run.data.tags["race_cut"] == trial.user_attrs["race_cut"] and run.data.metrics["seeds"] == 1

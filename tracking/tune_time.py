@@ -1,0 +1,91 @@
+"""Fits tune's chain into ``--total-minutes``: confirm's runs are timed on this machine first, the
+search gets what is left (at most its own budget) and ends by it (``--hard-budget``).
+
+Confirm's cost is known before the search: at most `top` + 1 candidates x seeds x precisions x
+threads screening runs on the search's split, then final seeds x final precisions runs on all
+60,000 images, each at most the search's longest schedule (`SearchSpec.horizon`). An epoch of
+each precision and thread count is timed on a slice (mnist_mlflow.timing); the estimate errs
+long (every run at the longest schedule, probe setup included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from mnist_mlflow import config as C
+from mnist_mlflow import threads as T
+from mnist_mlflow.data import Mnist
+from mnist_mlflow.timing import epoch_seconds
+from tracking.search.space import SearchSpec
+
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
+OVERHEAD_MINUTES = 5.0  # the steps' process starts and data loads, the search's report, promote
+MIN_SEARCH_MINUTES = 10.0  # less would not finish the incumbent's first seed on a slow CPU
+
+
+class ChainTooLong(ValueError):
+    """Confirm alone would not leave the search MIN_SEARCH_MINUTES: bad input, nothing created."""
+
+
+@dataclass(frozen=True)
+class ChainBudget:
+    total: float  # minutes, the whole chain
+    search: float  # minutes given to the search
+    confirm: float  # minutes, estimated
+    screen_runs: int
+    final_runs: int
+    epochs: int  # per run, at most
+    epoch_seconds: dict[str, float]  # "screen fp32 t2" -> seconds an epoch
+
+    def params(self) -> dict[str, object]:
+        return {"tune.total_minutes": self.total, "tune.search_minutes": round(float(self.search), 1),
+                "tune.confirm_estimate_minutes": round(self.confirm, 1),
+                "tune.confirm_runs": self.screen_runs + self.final_runs,
+                **{f"tune.epoch_s.{k.replace(' ', '_')}": round(v, 2) for k, v in self.epoch_seconds.items()}}
+
+    def line(self) -> str:
+        per_epoch = ", ".join(f"{k} {v:.1f} s" for k, v in self.epoch_seconds.items())
+        return (f"time: {self.total:g} minutes in all; confirm's {self.screen_runs} + {self.final_runs} "
+                f"runs of up to {self.epochs} epochs take about {self.confirm:.0f} (an epoch: {per_epoch}), "
+                f"so the search gets {self.search:.0f}")
+
+
+def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist) -> ChainBudget:
+    """`spec`: the search file with tune's overrides; `args`: tune's (total_minutes,
+    budget_minutes, top, seeds, precisions, threads, final_seeds, final_precisions)."""
+    base, d = spec.base, spec.base.data
+    screen_train = min(d.train_limit or math.inf, TRAIN_IMAGES - d.val_size)
+    final_train = min(d.train_limit or math.inf, TRAIN_IMAGES)
+    test = min(d.test_limit or math.inf, TEST_IMAGES)
+    precisions, threads = args.precisions.split(","), [int(t) for t in args.threads.split(",")]
+    final_precisions, final_threads = args.final_precisions.split(","), T.TORCH_DEFAULT
+
+    seconds: dict[str, float] = {}
+    confirm_s = 0.0
+    screen_runs = (args.top + 1) * args.seeds  # per precision and thread count
+    for p in precisions:
+        for t in threads:
+            s = epoch_seconds(C.replace(base, {"precision": p, "threads": t}), mnist,
+                              screen_train, d.val_size + test)
+            seconds[f"screen {p} t{t}"] = s
+            confirm_s += screen_runs * spec.horizon * s
+    for p in final_precisions:
+        s = epoch_seconds(C.replace(base, {"precision": p, "threads": final_threads}), mnist, final_train, test)
+        seconds[f"final {p} t{final_threads}"] = s
+        confirm_s += args.final_seeds * spec.horizon * s
+
+    confirm = confirm_s / 60
+    asked = args.budget_minutes or spec.settings.budget_minutes or math.inf
+    search = min(asked, args.total_minutes - confirm - OVERHEAD_MINUTES)
+    budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
+                         args.final_seeds * len(final_precisions), spec.horizon, seconds)
+    if search < MIN_SEARCH_MINUTES:
+        raise ChainTooLong(
+            f"--total-minutes={args.total_minutes:g} is not enough here: confirm's runs take about "
+            f"{confirm:.0f} minutes on this machine ({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())} "
+            f"an epoch), which leaves the search {max(search, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "
+            f"allow at least {math.ceil(confirm + OVERHEAD_MINUTES + MIN_SEARCH_MINUTES)}, or fewer "
+            "--final-seeds, --seeds or --top")
+    return budget
