@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
@@ -115,13 +116,16 @@ def trial_config(trial: optuna.trial.FrozenTrial, fixed: dict) -> C.RunConfig:
 
 
 def dedupe(candidates: list[ScreenedRecipe]) -> list[ScreenedRecipe]:
-    seen, out = set(), []
+    """One candidate per recipe. A trial that is the base recipe (the enqueued trial 0) is
+    screened as the base, in the trial's place, so the noise rule has its base to compare."""
+    out: dict[tuple, ScreenedRecipe] = {}
     for c in candidates:
         key = tuple(sorted((k, repr(v)) for k, v in C.flatten(c.config).items() if k not in SCREEN_VARIES))
-        if key not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
+        if key not in out:
+            out[key] = c
+        elif c.name == "base":
+            out[key] = dataclasses.replace(c, trial=out[key].trial, value=out[key].value)
+    return list(out.values())
 
 
 def load_candidates(spec: SearchSpec, storage: str, study_name: str, top: int,
