@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 
@@ -198,4 +199,7 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
                  "| rotation_degrees |", "Winner: ",
                  parent.data.tags["model_uri"], "| seed | precision | held |"):
         assert part in text, part
+    assert " minutes of the 150 it was given." in text  # and what tune planned for each step:
+    assert re.search(r"\| search \| FINISHED \| [0-9.]+ \| 60\.0 \|", text)
+    assert re.search(r"\| promote \| FINISHED \| [0-9.]+ \| - \|", text)
     assert report.main(["--tune", "latest", "--experiment", "no-such-experiment"]) == 2

@@ -38,8 +38,8 @@ def parser() -> cli.Parser:
     p.add_argument("--study-name", default="", help="Optuna study; same name + storage = resume")
     cli.add(p, "--timeout", float, 0, help="the same in seconds (wins over --budget-minutes)")
     cli.add(p, "--hard-budget", bool, help="at the time budget, running trials end too, at their "
-            "next epoch (STOPPED; a racing trial scores the seeds it finished): the search "
-            "ends by the budget (default false: a running trial finishes; tracking.tune sets it)")
+            "next epoch (STOPPED; a racing trial scores the seeds it finished), so the search ends "
+            "by it (default: the file's search.hard_budget; false: a running trial finishes)")
     cli.add(p, "--workers", int, 1, help="local worker processes (default: the file's search.workers)")
     cli.add(p, "--enqueue-base", bool, help="a new study's first trial is the file's base recipe "
             "(default: the file's search.enqueue_base; false: a cold start)")
@@ -71,13 +71,13 @@ def parse_args(argv: list[str] | None) -> Options:
         experiment=a.experiment, max_params=a.max_params,
         overrides=tuple(o for item in a.overrides for o in item.split()),
         study_trials=a.study_trials, heartbeat=a.heartbeat, budget_minutes=a.budget_minutes,
-        enqueue_base=a.enqueue_base, hard_budget=bool(a.hard_budget))
+        enqueue_base=a.enqueue_base, hard_budget=a.hard_budget)
 
 
 def print_result(r: SearchResult) -> None:
     c = r.counts
     print(f"study {r.study.study_name}: {c[N.COMPLETE]} {N.COMPLETE}, {c[N.PRUNED]} {N.PRUNED}, "
-          f"{c[N.STOPPED]} {N.STOPPED} (could not come near the best), "
+          f"{c[N.STOPPED]} {N.STOPPED} (could not come near the best, or out of time), "
           f"{c[N.REJECTED]} {N.REJECTED} (over budget, no trial used), {c[N.FAIL]} {N.FAIL}"
           + (f", {c[N.SURPLUS]} {N.SURPLUS}" if c[N.SURPLUS] else ""))
     if r.best is not None:

@@ -44,7 +44,7 @@ RACE_CUT = "race_cut"  # also a tag: the hard budget ended its race; it scores t
 # One vocabulary for the trial_state tag, the printed counts and trials.csv.
 COMPLETE = "COMPLETE"  # run FINISHED, metric `objective`
 PRUNED = "PRUNED"  # run KILLED: the pruner stopped it
-STOPPED = "STOPPED"  # run KILLED: it could no longer come within the race margin of the best
+STOPPED = "STOPPED"  # run KILLED: it could no longer come within the race margin of the best, or time ran out
 REJECTED = "REJECTED"  # run KILLED, never trained: over the parameter budget
 FAIL = "FAIL"  # run FAILED, or KILLED when interrupted; Optuna's word
 SURPLUS = "SURPLUS"  # run KILLED, never trained: a shared search's trial past its quota

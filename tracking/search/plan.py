@@ -40,7 +40,7 @@ class Options:
     heartbeat: Optional[int] = None  # seconds; None: HEARTBEAT_S
     budget_minutes: Optional[float] = None  # None: search.budget_minutes (--timeout wins)
     enqueue_base: Optional[bool] = None  # None: search.enqueue_base
-    hard_budget: bool = False  # at the budget, running trials end too (at their next epoch)
+    hard_budget: Optional[bool] = None  # None: search.hard_budget
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,14 @@ def resolve(opts: Options) -> Plan:
                 workers=opts.workers or s.workers,
                 sampler_seed=s.sampler.get("seed", 0) if opts.sampler_seed is None else opts.sampler_seed,
                 study_trials=opts.study_trials, heartbeat=opts.heartbeat or HEARTBEAT_S,
-                experiment=opts.experiment, hard_budget=opts.hard_budget)
+                experiment=opts.experiment,
+                hard_budget=s.hard_budget if opts.hard_budget is None else opts.hard_budget)
     if plan.workers < 1:
         raise C.ConfigError(f"--workers={plan.workers} is not allowed: 1 or more")
     if plan.hard_budget and plan.timeout is None:
-        raise C.ConfigError("--hard-budget ends running trials at the time budget, and there is "
-                            "none: give --budget-minutes or --timeout (the file's is null)")
+        raise C.ConfigError("a hard budget (--hard-budget, search.hard_budget) ends running trials at "
+                            "the time budget, and there is none: give --budget-minutes or --timeout "
+                            "(the file's is null)")
     if plan.shared:
         if opts.n_trials is not None:
             raise C.ConfigError("give --n-trials (trials of this invocation) or --study-trials "

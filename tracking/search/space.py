@@ -58,6 +58,7 @@ class Param:
 class Settings:
     n_trials: int = 30
     budget_minutes: Optional[float] = None  # no trial starts after it; None: no time limit
+    hard_budget: bool = False  # true: running trials end at the budget too (the search ends by it)
     workers: int = 1  # local worker processes (--workers overrides)
     study_name: str = "mnist-search"
     storage: str = "sqlite:///optuna.db"
@@ -173,6 +174,7 @@ def parse_settings(raw: dict[str, Any]) -> Settings:
     s = dataclasses.replace(s, val_margin=float(margin), fixed=tuple(s.fixed))
     require(isinstance(s.log_models, bool), "search.log_models", s.log_models, "true or false")
     require(isinstance(s.enqueue_base, bool), "search.enqueue_base", s.enqueue_base, "true or false")
+    require(isinstance(s.hard_budget, bool), "search.hard_budget", s.hard_budget, "true or false")
     require(isinstance(s.sampler, dict) and set(s.sampler) <= {"name", "seed", "n_startup_trials"},
             "search.sampler", s.sampler, "a mapping with name, seed and/or n_startup_trials")
     require(s.sampler.get("name", "tpe") in SAMPLERS, "search.sampler.name", s.sampler.get("name"),

@@ -68,7 +68,7 @@ def test_bad_shared_options_are_refused_before_anything_exists(tmp_path, capsys)
     assert search.main(["--heartbeat", "0"]) == 2
     config = write_search(tmp_path, ROTATION, budget_minutes=None)
     assert search.main(["--config", str(config), "--hard-budget", "true"]) == 2
-    assert "--hard-budget ends running trials at the time budget, and there is none" in capsys.readouterr().err
+    assert "a hard budget (--hard-budget, search.hard_budget) ends running trials at the time budget, and there is none" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["search.yaml"]
 
 

@@ -18,6 +18,7 @@ from mnist_mlflow import config as C
 from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, SEARCH_YAML, child_runs, fit_that, options, write_search
 from tracking.search import study as search_study
+from tracking.search.plan import resolve
 from tracking.search.run import run_search
 from tracking.search.space import load_search
 
@@ -259,8 +260,9 @@ def test_the_hard_budget_stops_a_trial_that_has_not_held_and_cuts_a_race():
 def test_a_hard_budget_search_ends_its_running_trial_at_the_budget(tmp_path, mnist, tracking_uri):
     config = write_search(tmp_path, ROTATION, race={"seeds": 3, "margin": 100.0})
     # 300 epochs would take minutes; 256 training images never hold 99.8 %
-    opts = options(tmp_path, config, n_trials=2, epochs=300, timeout=4, hard_budget=True,
+    opts = options(tmp_path, config, n_trials=2, epochs=300, timeout=4,  # hard: search.yaml's default
                    overrides=("data.val_size=500", "device=cpu", "target.accuracy=100"))
+    assert resolve(opts).hard_budget and not resolve(dataclasses.replace(opts, hard_budget=False)).hard_budget
     start = time.monotonic()
     result = run_search(opts, mnist=mnist)
     assert time.monotonic() - start < 60

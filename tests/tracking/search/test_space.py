@@ -76,7 +76,7 @@ def test_the_search_file_keeps_the_assignments_fixed_points_and_searches_the_res
                           "schedule.final_div_factor", "schedule.anneal", "augment.translate_px",
                           "augment.thickness_prob", "optim.ema_decay", "optim.batch_size"}
     assert spec.horizon == 15 and spec.threshold == pytest.approx(99.2)
-    assert spec.settings.race["seeds"] > 1 and spec.settings.budget_minutes == 60
+    assert spec.settings.race["seeds"] > 1 and spec.settings.budget_minutes == 60 and spec.settings.hard_budget
     with pytest.raises(ConfigError, match="fixes it"):  # the file refuses to search them
         load_search(write_search(Path(tempfile.mkdtemp()), ROTATION,
                                  fixed=["augment.rotation_degrees"]))
