@@ -1,39 +1,30 @@
 """How long an epoch of a config takes on this machine, measured on a slice of it.
 
-Short `fit`s of `batches` and of 2 x `batches` training batches, each with an evaluation pass
-as long, relative to its training images, as the full epoch's, after one to create the kernels:
-the difference is what `batches` more batches cost, without the setup every fit pays once. Scaled
-by the images a full epoch trains. tracking.tune sizes its search by it.
+A short `fit` of 1 + `repeats` epochs of `batches` training batches, each epoch with an
+evaluation pass as long, relative to its training images, as the full epoch's. The first epoch
+creates the kernels; of the others, the fastest (another process's burst only slows an epoch),
+timed by `fit` itself (the epoch alone, no setup), is scaled by the images a full epoch trains.
+tracking.tune sizes its search by it.
 """
 
 from __future__ import annotations
-
-import time
 
 from mnist_mlflow import config as C
 from mnist_mlflow.data import Mnist, make_splits
 from mnist_mlflow.train import fit
 
-PROBE_BATCHES = 40
+PROBE_BATCHES = 60
 
 
 def epoch_seconds(cfg: C.RunConfig, mnist: Mnist, train_images: int, eval_images: int,
-                  batches: int = PROBE_BATCHES) -> float:
+                  batches: int = PROBE_BATCHES, repeats: int = 3) -> float:
     """Seconds one epoch of `cfg` (its precision, threads and batch size) takes when it trains
     `train_images` and evaluates `eval_images` (validation and test) after it."""
     if train_images < 1 or eval_images < 0:
         raise ValueError(f"train_images={train_images}, eval_images={eval_images}: need >= 1 and >= 0")
-    images = batches * cfg.optim.batch_size
-
-    def timed(n: int) -> float:
-        evaluated = max(1, round(n * eval_images / train_images))
-        probe = C.replace(cfg, {"optim.epochs": 1, "data.val_size": 0, "data.train_limit": n,
-                                "data.test_limit": evaluated})
-        splits = make_splits(mnist, train_limit=n, test_limit=evaluated)
-        start = time.perf_counter()
-        fit(probe, splits, progress=False)
-        return time.perf_counter() - start
-
-    timed(images)  # kernels and caches
-    one, two = timed(images), timed(2 * images)
-    return max(two - one, one / 2) * train_images / images
+    images = min(batches * cfg.optim.batch_size, train_images)
+    evaluated = max(1, round(images * eval_images / train_images))
+    probe = C.replace(cfg, {"optim.epochs": 1 + repeats, "data.val_size": 0, "data.train_limit": images,
+                            "data.test_limit": evaluated})
+    history = fit(probe, make_splits(mnist, train_limit=images, test_limit=evaluated), progress=False).history
+    return min(h.epoch_seconds for h in history[1:]) * train_images / images

@@ -5,7 +5,7 @@ Confirm's cost is known before the search: at most `top` + 1 candidates x seeds 
 threads screening runs on the search's split, then final seeds x final precisions runs on all
 60,000 images, each at most the search's longest schedule (`SearchSpec.horizon`). An epoch of
 each precision and thread count is timed on a slice (mnist_mlflow.timing); the estimate errs
-long (every run at the longest schedule, probe setup included).
+long (every run at the longest schedule, stretched by MARGIN for a machine that slows down).
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from mnist_mlflow import config as C
 from mnist_mlflow import threads as T
 from mnist_mlflow.data import Mnist
-from mnist_mlflow.timing import epoch_seconds
+from mnist_mlflow.timing import PROBE_BATCHES, epoch_seconds
 from tracking.search.space import SearchSpec
 
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 OVERHEAD_MINUTES = 5.0  # the steps' process starts and data loads, the search's report, promote
+# A shared machine's speed drifts: on the 2-core AMD EPYC an epoch took 25 s, then 37 s within
+# the hour; confirm's estimate is stretched by this much.
+MARGIN = 1.1
 MIN_SEARCH_MINUTES = 10.0  # less would not finish the incumbent's first seed on a slow CPU
 
 
@@ -52,7 +55,8 @@ class ChainBudget:
                 f"so the search gets {self.search:.0f}")
 
 
-def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist) -> ChainBudget:
+def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
+               probe_batches: int = PROBE_BATCHES) -> ChainBudget:
     """`spec`: the search file with tune's overrides; `args`: tune's (total_minutes,
     budget_minutes, top, seeds, precisions, threads, final_seeds, final_precisions)."""
     base, d = spec.base, spec.base.data
@@ -68,15 +72,16 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist) -> Chai
     for p in precisions:
         for t in threads:
             s = epoch_seconds(C.replace(base, {"precision": p, "threads": t}), mnist,
-                              screen_train, d.val_size + test)
+                              screen_train, d.val_size + test, probe_batches)
             seconds[f"screen {p} t{t}"] = s
             confirm_s += screen_runs * spec.horizon * s
     for p in final_precisions:
-        s = epoch_seconds(C.replace(base, {"precision": p, "threads": final_threads}), mnist, final_train, test)
+        s = epoch_seconds(C.replace(base, {"precision": p, "threads": final_threads}), mnist, final_train, test,
+                          probe_batches)
         seconds[f"final {p} t{final_threads}"] = s
         confirm_s += args.final_seeds * spec.horizon * s
 
-    confirm = confirm_s / 60
+    confirm = MARGIN * confirm_s / 60
     asked = args.budget_minutes or spec.settings.budget_minutes or math.inf
     search = min(asked, args.total_minutes - confirm - OVERHEAD_MINUTES)
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),

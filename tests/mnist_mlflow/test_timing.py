@@ -15,8 +15,8 @@ from tests.conftest import ROOT
 
 def test_a_probe_of_a_few_batches_predicts_the_whole_epoch(mnist):
     cfg = C.load(ROOT / "experiments/stage3.yaml", ["device=cpu", "threads=1", "optim.epochs=1"])
-    train, evaluated = 40 * cfg.optim.batch_size, 2000
-    estimate = epoch_seconds(cfg, mnist, train, evaluated, batches=8)
+    train, evaluated = 24 * cfg.optim.batch_size, 1200
+    estimate = epoch_seconds(cfg, mnist, train, evaluated, batches=6)
     splits = make_splits(mnist, train_limit=train, test_limit=evaluated)
     fit(cfg, splits, progress=False)  # kernels created, as before the probe's timed passes
     start = time.perf_counter()
