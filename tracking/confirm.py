@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import dataclasses
+import sys
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 

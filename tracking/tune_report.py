@@ -1,7 +1,7 @@
 """What one tune chain did, as markdown from the store: ``python -m tracking.report --tune latest``.
 
-The steps (status, minutes, and the minutes tune planned for them), the search's trial counts, epochs an hour and trials table,
-confirm's screening on validation, its choice and why, the final seeds on test, and the
+The steps (status, minutes, and the minutes tune planned for them), the search's trial counts,
+epochs an hour and trials table, confirm's screening on validation, its choice and why, the final seeds on test, and the
 promoted version: the search log the README's results point to (docs/tune.md).
 """
 

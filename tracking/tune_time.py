@@ -18,6 +18,8 @@ from mnist_mlflow import config as C
 from mnist_mlflow import threads as T
 from mnist_mlflow.data import Mnist
 from mnist_mlflow.timing import PROBE_BATCHES, epoch_seconds
+from tracking import cli
+from tracking.confirm import PRECISIONS
 from tracking.search.space import SearchSpec
 
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
@@ -48,10 +50,12 @@ class ChainBudget:
                 "tune.confirm_runs": self.screen_runs + self.final_runs,
                 **{f"tune.epoch_s.{k.replace(' ', '_')}": round(v, 2) for k, v in self.epoch_seconds.items()}}
 
+    def per_epoch(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.epoch_seconds.items())
+
     def line(self) -> str:
-        per_epoch = ", ".join(f"{k} {v:.1f} s" for k, v in self.epoch_seconds.items())
         return (f"time: {self.total:g} minutes in all; confirm's {self.screen_runs} + {self.final_runs} "
-                f"runs of up to {self.epochs} epochs take about {self.confirm:.0f} (an epoch: {per_epoch}), "
+                f"runs of up to {self.epochs} epochs take about {self.confirm:.0f} (an epoch: {self.per_epoch()}), "
                 f"so the search gets {self.search:.0f}")
 
 
@@ -63,8 +67,11 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
     screen_train = min(d.train_limit or math.inf, TRAIN_IMAGES - d.val_size)
     final_train = min(d.train_limit or math.inf, TRAIN_IMAGES)
     test = min(d.test_limit or math.inf, TEST_IMAGES)
-    precisions, threads = args.precisions.split(","), [int(t) for t in args.threads.split(",")]
-    final_precisions, final_threads = args.final_precisions.split(","), T.TORCH_DEFAULT
+    # as tune.check read them (it refused bad ones): lists, spaces stripped
+    precisions = cli.choice_list("precisions", args.precisions, PRECISIONS)
+    threads = cli.int_list("threads", args.threads, 1)
+    final_precisions = cli.choice_list("final-precisions", args.final_precisions, PRECISIONS)
+    final_threads = T.TORCH_DEFAULT
 
     seconds: dict[str, float] = {}
     confirm_s = 0.0
@@ -89,8 +96,7 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
     if search < MIN_SEARCH_MINUTES:
         raise ChainTooLong(
             f"--total-minutes={args.total_minutes:g} is not enough here: confirm's runs take about "
-            f"{confirm:.0f} minutes on this machine ({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())} "
-            f"an epoch), which leaves the search {max(search, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "
+            f"{confirm:.0f} minutes on this machine ({budget.per_epoch()} an epoch), which leaves the search {max(search, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "
             f"allow at least {math.ceil(confirm + OVERHEAD_MINUTES + MIN_SEARCH_MINUTES)}, or fewer "
             "--final-seeds, --seeds or --top")
     return budget

@@ -80,7 +80,8 @@ def test_each_step_reads_tunes_flags_with_its_own_parser():
 def test_confirm_is_timed_first_and_the_search_gets_what_is_left(tmp_path, mnist):
     config = write_search(tmp_path, ROTATION)
     args = tune.parser().parse_args(["--config", str(config), "--train-limit", "2000", "--test-limit", "500",
-                                     "--set", QUICK, "--top", "1", "--seeds", "2", "--threads", "1,2",
+                                     "--set", QUICK, "--top", "1", "--seeds", "2", "--threads", "1, 2",
+                                     "--precisions", "fp32 ",  # spaces: as tune.check reads them
                                      "--final-seeds", "3", "--total-minutes", "40"])
     spec, _, _ = tune.check(args)
     chain = tune_time.plan_chain(spec, args, mnist, probe_batches=4)  # the arithmetic, not the clock
