@@ -213,6 +213,9 @@ def parser() -> cli.Parser:
     cli.add(p, "--total-minutes", float, 1, unset=TOTAL_MINUTES,
             help=f"the whole chain's time (default {TOTAL_MINUTES:g}): confirm's runs are timed here "
                  "first and the search gets the rest, at most --budget-minutes")
+    cli.add(p, "--probe-batches", int, 1, unset=tune_time.PROBE_BATCHES,
+            help=f"training batches an epoch of each timing probe (default {tune_time.PROBE_BATCHES}); "
+                 "fewer: a quicker, rougher estimate")
     promote.add_step_arguments(p, what="promote: ")  # only the promote step has a target
     cli.add_experiment(p)
     return p
@@ -226,7 +229,7 @@ def command(argv: list[str] | None) -> int:
         args.model_name = args.model_name or promote.DEFAULT_MODEL_NAME
         cli.check_server()
         spec, storage, study = check(args)
-        chain = tune_time.plan_chain(spec, args, load_mnist(spec.base.data.data_dir))
+        chain = tune_time.plan_chain(spec, args, load_mnist(spec.base.data.data_dir), args.probe_batches)
         cli.use_experiment(args.experiment)
     except (confirm.ConfirmError, C.ConfigError, promote.PromotionError, MlflowException, DataError,
             tune_time.ChainTooLong) as exc:

@@ -43,11 +43,13 @@ class ChainBudget:
     final_runs: int
     epochs: int  # per run, at most
     epoch_seconds: dict[str, float]  # "screen fp32 t2" -> seconds an epoch
+    probe_batches: int = PROBE_BATCHES  # training batches an epoch of each probe
 
     def params(self) -> dict[str, object]:
         return {"tune.total_minutes": self.total, "tune.search_minutes": round(float(self.search), 1),
                 "tune.confirm_estimate_minutes": round(self.confirm, 1),
                 "tune.confirm_runs": self.screen_runs + self.final_runs,
+                "tune.probe_batches": self.probe_batches,
                 **{f"tune.epoch_s.{k.replace(' ', '_')}": round(v, 2) for k, v in self.epoch_seconds.items()}}
 
     def per_epoch(self) -> str:
@@ -92,7 +94,7 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
     asked = args.budget_minutes or spec.settings.budget_minutes or math.inf
     search = min(asked, args.total_minutes - confirm - OVERHEAD_MINUTES)
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
-                         args.final_seeds * len(final_precisions), spec.horizon, seconds)
+                         args.final_seeds * len(final_precisions), spec.horizon, seconds, probe_batches)
     if search < MIN_SEARCH_MINUTES:
         raise ChainTooLong(
             f"--total-minutes={args.total_minutes:g} is not enough here: confirm's runs take about "

@@ -40,6 +40,7 @@ def runs_of(exp_name: str, where: str = "") -> list:
     (["--target", "0"], "--target 0.0 is not allowed"),
     (["--model-name", "a/b"], "--model-name 'a/b' is not allowed"),
     (["--n-trials", "0"], "--n-trials='0' is not allowed"),
+    (["--probe-batches", "0"], "--probe-batches='0' is not allowed"),
 ])
 def test_bad_input_exits_2_before_any_run(tmp_path, env, capsys, extra, message):
     assert tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t", *extra]) == 2
@@ -100,7 +101,8 @@ def test_confirm_is_timed_first_and_the_search_gets_what_is_left(tmp_path, mnist
 @pytest.mark.slow  # the whole command, its data load and both probes
 def test_a_chain_that_cannot_fit_its_time_exits_2_before_any_run(tmp_path, env, capsys):
     code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",
-                      "--train-limit", "1000", "--set", QUICK, "--threads", "1", "--total-minutes", "12"])
+                      "--train-limit", "1000", "--set", QUICK, "--threads", "1", "--total-minutes", "12",
+                      "--probe-batches", "4"])
     assert code == 2
     err = capsys.readouterr().err
     assert "--total-minutes=12 is not enough here" in err and len(err.strip().splitlines()) == 1
@@ -112,7 +114,7 @@ def test_a_failing_step_fails_the_chain_and_stops_it(tmp_path, env, capsys):
     # the search step refuses a journal file in a folder that does not exist (its exit 2)
     code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",
                       "--storage", f"journal:{tmp_path}/missing/optuna.log", "--n-trials", "1",
-                      "--train-limit", "1000", "--set", QUICK])  # confirm's timing: quick
+                      "--train-limit", "1000", "--set", QUICK, "--probe-batches", "4"])  # confirm's timing: quick
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: step search failed (exit 2") and "does not exist" in err[-1]
@@ -151,7 +153,8 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
                       "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study-name", "quick",
                       "--top", "1", "--seeds", "1", "--precisions", "fp32", "--threads", "1",
                       "--final-seeds", "1", "--final-precisions", "bf16,fp32", "--set", QUICK,
-                      "--model-name", "tune-test", "--target", "20", "--hold", "1"])
+                      "--model-name", "tune-test", "--target", "20", "--hold", "1",
+                      "--probe-batches", "4"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     client = MlflowClient()
@@ -168,6 +171,7 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
     # the chain's time: confirm's runs timed first, the search got the file's 60 minutes and ends by them
     assert parent.data.params["tune.total_minutes"] == "150.0" and parent.data.params["tune.search_minutes"] == "60.0"
     assert float(parent.data.params["tune.confirm_estimate_minutes"]) < 5
+    assert parent.data.params["tune.probe_batches"] == "4"
     assert steps["search"].data.params["search.hard_budget"] == "True"
     assert steps["search"].data.params["search.timeout"] == "3600.0"
     assert 0 < parent.data.metrics["minutes"] < 30
