@@ -76,29 +76,32 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
     final_threads = T.TORCH_DEFAULT
 
     seconds: dict[str, float] = {}
-    confirm_s = 0.0
+    screen_s = final_seed_s = 0.0  # all screening; one final seed in every final precision
     screen_runs = (args.top + 1) * args.seeds  # per precision and thread count
     for p in precisions:
         for t in threads:
             s = epoch_seconds(C.replace(base, {"precision": p, "threads": t}), mnist,
                               screen_train, d.val_size + test, probe_batches)
             seconds[f"screen {p} t{t}"] = s
-            confirm_s += screen_runs * spec.horizon * s
+            screen_s += screen_runs * spec.horizon * s
     for p in final_precisions:
         s = epoch_seconds(C.replace(base, {"precision": p, "threads": final_threads}), mnist, final_train, test,
                           probe_batches)
         seconds[f"final {p} t{final_threads}"] = s
-        confirm_s += args.final_seeds * spec.horizon * s
+        final_seed_s += spec.horizon * s
 
-    confirm = MARGIN * confirm_s / 60
+    confirm = MARGIN * (screen_s + args.final_seeds * final_seed_s) / 60
     asked = args.budget_minutes or spec.settings.budget_minutes or math.inf
     search = min(asked, args.total_minutes - confirm - OVERHEAD_MINUTES)
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
                          args.final_seeds * len(final_precisions), spec.horizon, seconds, probe_batches)
     if search < MIN_SEARCH_MINUTES:
+        # the most final seeds that would leave the search its minimum
+        room = (args.total_minutes - OVERHEAD_MINUTES - MIN_SEARCH_MINUTES) * 60 / MARGIN - screen_s
+        seeds = math.floor(room / final_seed_s) if final_seed_s else 0
         raise ChainTooLong(
             f"--total-minutes={args.total_minutes:g} is not enough here: confirm's runs take about "
             f"{confirm:.0f} minutes on this machine ({budget.per_epoch()} an epoch), which leaves the search {max(search, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "
-            f"allow at least {math.ceil(confirm + OVERHEAD_MINUTES + MIN_SEARCH_MINUTES)}, or fewer "
-            "--final-seeds, --seeds or --top")
+            f"allow at least {math.ceil(confirm + OVERHEAD_MINUTES + MIN_SEARCH_MINUTES)}, or "
+            + (f"--final-seeds {seeds} (the most that fit)" if seeds >= 1 else "fewer --seeds or --top"))
     return budget

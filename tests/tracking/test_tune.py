@@ -98,6 +98,26 @@ def test_confirm_is_timed_first_and_the_search_gets_what_is_left(tmp_path, mnist
         tune_time.plan_chain(spec, args, mnist, probe_batches=4)
 
 
+def test_a_chain_too_long_names_the_final_seeds_that_fit(tmp_path, monkeypatch):
+    """The arithmetic of the suggestion, on a fixed clock: a screening epoch (50,000 training
+    images and validation) 6 s, a final one (all 60,000) 12 s."""
+    monkeypatch.setattr(tune_time, "epoch_seconds", lambda cfg, mnist, train, *_: 12.0 if train == 60_000 else 6.0)
+    args = tune.parser().parse_args(["--config", str(write_search(tmp_path, ROTATION)), "--set", QUICK,
+                                     "--top", "1", "--seeds", "1", "--threads", "2", "--final-seeds", "10"])
+    spec, _, _ = tune.check(args)
+    screen_min, final_min = 2 * spec.horizon * 6 / 60, spec.horizon * 12 / 60  # 2 runs; one final seed
+    fit = 4  # minutes for 4.5 final seeds besides screening, the overhead and the search's minimum
+    args.total_minutes = (tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES
+                          + tune_time.MARGIN * (screen_min + (fit + 0.5) * final_min))
+    with pytest.raises(tune_time.ChainTooLong, match=rf"or --final-seeds {fit} \(the most that fit\)$"):
+        tune_time.plan_chain(spec, args, None)
+    args.final_seeds = fit
+    assert tune_time.plan_chain(spec, args, None).search >= tune_time.MIN_SEARCH_MINUTES
+    args.total_minutes = tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES + 1  # not even screening
+    with pytest.raises(tune_time.ChainTooLong, match=r"or fewer --seeds or --top$"):
+        tune_time.plan_chain(spec, args, None)
+
+
 @pytest.mark.slow  # the whole command, its data load and both probes
 def test_a_chain_that_cannot_fit_its_time_exits_2_before_any_run(tmp_path, env, capsys):
     code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",

@@ -85,7 +85,6 @@ def wait_for_trial_epoch(proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signalled_search_exits_like_a_stage_run(tmp_path, tracking_uri, signum):
     """128 + the signal, as tracking.stage: 130 for Ctrl-C, 143 for SIGTERM."""
