@@ -96,12 +96,13 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
                          args.final_seeds * len(final_precisions), spec.horizon, seconds, probe_batches)
     if search < MIN_SEARCH_MINUTES:
-        # the most final seeds that would leave the search its minimum
-        room = (args.total_minutes - OVERHEAD_MINUTES - MIN_SEARCH_MINUTES) * 60 / MARGIN - screen_s
-        seeds = math.floor(room / final_seed_s) if final_seed_s else 0
+        # what confirm may take and still leave the search its minimum; the most final seeds in it
+        room = args.total_minutes - OVERHEAD_MINUTES - MIN_SEARCH_MINUTES
+        seeds = math.floor((room * 60 / MARGIN - screen_s) / final_seed_s) if final_seed_s else 0
+        other = (f", or --final-seeds {seeds} (the most that fit)" if seeds >= 1 else
+                 ", or fewer --seeds or --top" if room > 0 else "")
         raise ChainTooLong(
             f"--total-minutes={args.total_minutes:g} is not enough here: confirm's runs take about "
             f"{confirm:.0f} minutes on this machine ({budget.per_epoch()} an epoch), which leaves the search {max(search, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "
-            f"allow at least {math.ceil(confirm + OVERHEAD_MINUTES + MIN_SEARCH_MINUTES)}, or "
-            + (f"--final-seeds {seeds} (the most that fit)" if seeds >= 1 else "fewer --seeds or --top"))
+            f"allow at least {math.ceil(confirm + OVERHEAD_MINUTES + MIN_SEARCH_MINUTES)}{other}")
     return budget

@@ -106,7 +106,7 @@ def test_a_chain_too_long_names_the_final_seeds_that_fit(tmp_path, monkeypatch):
                                      "--top", "1", "--seeds", "1", "--threads", "2", "--final-seeds", "10"])
     spec, _, _ = tune.check(args)
     screen_min, final_min = 2 * spec.horizon * 6 / 60, spec.horizon * 12 / 60  # 2 runs; one final seed
-    fit = 4  # minutes for 4.5 final seeds besides screening, the overhead and the search's minimum
+    fit = 4  # the total leaves room for 4.5 final seeds besides screening, overhead and the search
     args.total_minutes = (tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES
                           + tune_time.MARGIN * (screen_min + (fit + 0.5) * final_min))
     with pytest.raises(tune_time.ChainTooLong, match=rf"or --final-seeds {fit} \(the most that fit\)$"):
@@ -115,6 +115,9 @@ def test_a_chain_too_long_names_the_final_seeds_that_fit(tmp_path, monkeypatch):
     assert tune_time.plan_chain(spec, args, None).search >= tune_time.MIN_SEARCH_MINUTES
     args.total_minutes = tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES + 1  # not even screening
     with pytest.raises(tune_time.ChainTooLong, match=r"or fewer --seeds or --top$"):
+        tune_time.plan_chain(spec, args, None)
+    args.total_minutes = tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES - 1  # nothing but more time
+    with pytest.raises(tune_time.ChainTooLong, match=r"allow at least \d+$"):
         tune_time.plan_chain(spec, args, None)
 
 
