@@ -92,10 +92,11 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
 
     confirm = MARGIN * (screen_s + args.final_seeds * final_seed_s) / 60
     asked = args.budget_minutes or spec.settings.budget_minutes or math.inf
-    search = min(asked, args.total_minutes - confirm - OVERHEAD_MINUTES)
+    left = args.total_minutes - confirm - OVERHEAD_MINUTES  # a shorter --budget-minutes is the user's choice
+    search = min(asked, left)
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
                          args.final_seeds * len(final_precisions), spec.horizon, seconds, probe_batches)
-    if search < MIN_SEARCH_MINUTES:
+    if left < MIN_SEARCH_MINUTES:
         # what confirm may take and still leave the search its minimum; the most final seeds in it
         room = args.total_minutes - OVERHEAD_MINUTES - MIN_SEARCH_MINUTES
         seeds = math.floor((room * 60 / MARGIN - screen_s) / final_seed_s) if final_seed_s else 0
@@ -103,6 +104,6 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
                  ", or fewer --seeds or --top" if room > 0 else "")
         raise ChainTooLong(
             f"--total-minutes={args.total_minutes:g} is not enough here: confirm's runs take about "
-            f"{confirm:.0f} minutes on this machine ({budget.per_epoch()} an epoch), which leaves the search {max(search, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "
+            f"{confirm:.0f} minutes on this machine ({budget.per_epoch()} an epoch), which leaves the search {max(left, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "
             f"allow at least {math.ceil(confirm + OVERHEAD_MINUTES + MIN_SEARCH_MINUTES)}{other}")
     return budget

@@ -113,6 +113,9 @@ def test_a_chain_too_long_names_the_final_seeds_that_fit(tmp_path, monkeypatch):
         tune_time.plan_chain(spec, args, None)
     args.final_seeds = fit
     assert tune_time.plan_chain(spec, args, None).search >= tune_time.MIN_SEARCH_MINUTES
+    args.budget_minutes = 5  # a short search asked for is not a chain too long
+    assert tune_time.plan_chain(spec, args, None).search == 5
+    args.budget_minutes = None
     args.total_minutes = tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES + 1  # not even screening
     with pytest.raises(tune_time.ChainTooLong, match=r"or fewer --seeds or --top$"):
         tune_time.plan_chain(spec, args, None)
