@@ -14,7 +14,7 @@ LAYERS: list[set[str]] = [
     {"cli"},  # the flags every command shares
     {"search"},  # the Optuna search
     {"promotion"},  # which run may be promoted, the registry
-    {"stage", "consistency", "noise", "report", "tune_report", "tune_time", "confirm", "confirm_report", "tune",
+    {"stage", "consistency", "noise", "report", "tune_report", "tune_time", "confirm", "confirm_report", "search_seeds", "tune",
      "promote", "doctor", "server", "predict"},  # the commands, python -m tracking.NAME, two reports of theirs and tune's clock
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}

@@ -11,7 +11,9 @@ All as nested MLflow runs under one parent run:
    holds only under one set of kernels is not confirmed. Each candidate is scored from its
    VALIDATION histories, never the test set: how many runs held the validation threshold
    (target.accuracy + the search's val_margin) for target.hold epochs, then the mean epoch at
-   which the hold completed, then the mean held accuracy.
+   which the hold completed, then the mean held accuracy. ``--seeds 0`` trains no screening
+   run: it ranks on the search's own finished runs of each candidate (the seeds it raced them
+   on, same split and threshold; tracking/search_seeds.py), which needs the base in the study.
 3. Final: the winner over seeds 1..F x precisions on all 60,000 training images, test set
    reported, models logged (tracking.promote can register one). The parent logs the
    consistency summary, the per-seed curves and recipe.yaml: ``extends: stage3.yaml`` plus only
@@ -44,7 +46,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow.data import DataError, Mnist
 from mnist_mlflow.models import BudgetError, build_model
 from tracking import confirm_report as R
-from tracking import cli, consistency
+from tracking import cli, consistency, search_seeds
 from tracking.lifecycle import mlflow_run, runs
 from tracking.cli import markdown
 from tracking.lifecycle.signals import exit_code
@@ -85,6 +87,7 @@ class ConfirmPlan:
     threshold: float  # validation accuracy, percent
     study_name: str
     storage: str
+    recorded: tuple[R.ScreenRun, ...] = ()  # no seeds: the search's own runs are the screening
 
 
 # ---------------------------------------------------------------- candidates
@@ -115,12 +118,16 @@ def trial_config(trial: optuna.trial.FrozenTrial, fixed: dict) -> C.RunConfig:
         raise ConfirmError(f"trial {trial.number}'s config does not fit this code: {exc}") from exc
 
 
+def recipe_key(cfg: C.RunConfig) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in C.flatten(cfg).items() if k not in SCREEN_VARIES))
+
+
 def dedupe(candidates: list[ScreenedRecipe]) -> list[ScreenedRecipe]:
     """One candidate per recipe. A trial that is the base recipe (the enqueued trial 0) is
     screened as the base, in the trial's place, so the noise rule has its base to compare."""
     out: dict[tuple, ScreenedRecipe] = {}
     for c in candidates:
-        key = tuple(sorted((k, repr(v)) for k, v in C.flatten(c.config).items() if k not in SCREEN_VARIES))
+        key = recipe_key(c.config)
         if key not in out:
             out[key] = c
         elif c.name == "base":
@@ -128,17 +135,33 @@ def dedupe(candidates: list[ScreenedRecipe]) -> list[ScreenedRecipe]:
     return list(out.values())
 
 
-def load_candidates(spec: SearchSpec, storage: str, study_name: str, top: int,
-                    overrides: dict) -> list[ScreenedRecipe]:
+def load_study(storage: str, study_name: str) -> optuna.Study:
     try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
         raise ConfirmError(f"no study {study_name!r} in storage {redact(storage)!r}") from None
+
+
+def load_candidates(spec: SearchSpec, study: optuna.Study, top: int, overrides: dict) -> list[ScreenedRecipe]:
     fixed = fixed_values(spec, overrides)
     found = [ScreenedRecipe(f"trial-{t.number}", trial_config(t, fixed), t.number, t.value)
              for t in top_trials(study, top)]
     base = ScreenedRecipe("base", C.replace(spec.base, {**fixed, "stage": "confirm"}))
     return dedupe(found + [base])
+
+
+def trial_numbers(study: optuna.Study, candidates: list[ScreenedRecipe],
+                  fixed: dict) -> dict[str, Optional[int]]:
+    """Each candidate's trial in the study; the base's is its first COMPLETE trial with the
+    base config (the enqueued trial 0), when it is not among the top trials."""
+    out = {c.name: c.trial for c in candidates}
+    base = next(c for c in candidates if c.name == "base")
+    if base.trial is None:
+        key = recipe_key(base.config)
+        out["base"] = next((t.number for t in study.get_trials(deepcopy=False, states=(
+            optuna.trial.TrialState.COMPLETE,)) if N.CONFIG in t.user_attrs
+            and recipe_key(trial_config(t, fixed)) == key), None)
+    return out
 
 
 # ---------------------------------------------------------------- numerics
@@ -174,6 +197,10 @@ def train(cfg: C.RunConfig, mnist: Mnist, threads: int, name: str, tags: dict[st
 # ---------------------------------------------------------------- the steps
 
 def screen(plan: ConfirmPlan, mnist: Mnist) -> list[R.ScreenRun]:
+    if not plan.seeds:
+        print(f"screening: the search's own {len(plan.recorded)} finished runs of the candidates "
+              "(--seeds 0), none trained here", flush=True)
+        return list(plan.recorded)
     target = plan.spec.base.target
     out = []
     for cand in plan.candidates:
@@ -240,7 +267,8 @@ def log_plan(plan: ConfirmPlan) -> None:
         "confirm.config": plan.spec.source, "confirm.study_name": plan.study_name,
         "confirm.storage": redact(plan.storage),
         "confirm.candidates": ",".join(c.name for c in plan.candidates),
-        "confirm.seeds": len(plan.seeds), "confirm.precisions": ",".join(plan.precisions),
+        "confirm.seeds": len(plan.seeds), "confirm.screening": "search runs" if not plan.seeds else "trained",
+        "confirm.precisions": ",".join(plan.precisions),
         "confirm.threads": ",".join(map(str, plan.threads)),
         "confirm.final_seeds": len(plan.final_seeds),
         "confirm.final_precisions": ",".join(plan.final_precisions),
@@ -310,12 +338,21 @@ def make_plan(args: argparse.Namespace) -> ConfirmPlan:
     spec = load_search(args.config, overrides)
     s = spec.settings
     storage, study_name = args.storage or s.storage, args.study_name or s.study_name
-    candidates = load_candidates(spec, storage, study_name, args.top, overrides)
+    study = load_study(storage, study_name)
+    candidates = load_candidates(spec, study, args.top, overrides)
     for c in candidates:
         build_model(c.config.model)  # BudgetError: over budget, nothing trains
+    threshold = spec.base.target.accuracy + getattr(s, "val_margin", 0.0)
+    recorded: list[R.ScreenRun] = []
+    if args.seeds == 0:
+        trials = trial_numbers(study, candidates, fixed_values(spec, overrides))
+        try:
+            recorded = search_seeds.recorded_screens(study, trials, threshold, spec.base.target.hold)
+        except search_seeds.NoRecordedSeeds as exc:
+            raise ConfirmError(str(exc)) from None
     return ConfirmPlan(spec, tuple(candidates), tuple(range(1, args.seeds + 1)), precisions, threads,
-                tuple(range(1, args.final_seeds + 1)), final_precisions,
-                spec.base.target.accuracy + getattr(s, "val_margin", 0.0), study_name, storage)
+                       tuple(range(1, args.final_seeds + 1)), final_precisions, threshold, study_name,
+                       storage, tuple(recorded))
 
 
 def parser() -> cli.Parser:
@@ -333,7 +370,7 @@ def add_step_arguments(p: argparse.ArgumentParser, defaults: dict[str, str], wha
     p.add_argument("--storage", default="", help="Optuna storage (default: the search file's)")
     p.add_argument("--study-name", default="", help="Optuna study (default: the search file's)")
     counts = {"top": (0, "best COMPLETE trials to screen, besides the base config"),
-              "seeds": (1, "screening seeds 1..N"),
+              "seeds": (0, "screening seeds 1..N; 0: rank on the search's own seeds, train none"),
               "final_seeds": (1, "final seeds 1..N (all 60,000 images)")}
     for dest, (minimum, help_text) in counts.items():
         cli.add(p, "--" + dest.replace("_", "-"), int, minimum, unset=int(defaults[dest]),

@@ -7,9 +7,10 @@ its own child run, created here and handed to the step's process through ``MLFLO
 (as `mlflow run` hands a run to its command), so the step logs into it:
 
 1. ``python -m tracking.search``: the Optuna study; its trials nest under the search run.
-2. ``python -m tracking.confirm``: screens the study's best trials and the base config over
-   seeds x precisions x threads on validation, runs the winner's final seeds on all 60,000
-   images and logs recipe.yaml; its runs nest under the confirm run.
+2. ``python -m tracking.confirm``: ranks the study's best trials and the base config on
+   validation (by default on the seeds the search raced them on: ``--seeds 0``, nothing
+   retrained), runs the winner's final seeds on all 60,000 images and logs recipe.yaml; its
+   runs nest under the confirm run.
 3. ``python -m tracking.promote --parent-run-id <confirm run>``: registers the first final
    run that held the target. Promote opens no run of its own: its output and exit code are
    logged on the promote run here.
@@ -198,15 +199,19 @@ def check(args: argparse.Namespace) -> tuple[SearchSpec, str, str]:
     cli.int_list("threads", args.threads, 1)
     crit = promote.Criteria.of(target=args.target, hold=args.hold)
     promote.check_arguments(args.model_name, crit.target, crit.hold)
+    if args.seeds == 0 and not spec.settings.enqueue_base:
+        raise confirm.ConfirmError("--seeds 0 ranks the candidates on the search's own runs and needs "
+                                   "the base among them, but search.enqueue_base is false: screen with "
+                                   "--seeds 2, or enqueue the base")
     return spec, args.storage or spec.settings.storage, args.study_name or spec.settings.study_name
 
 
 def parser() -> cli.Parser:
     p = cli.parser("python -m tracking.tune", __doc__)
-    # Sized for 2 CPU cores: 2 candidates + the base x 2 seeds on validation and 10 final seeds on
-    # test, fp32 at 2 threads (README: add bf16 where native); the search gets what they leave of
-    # --total-minutes, at most its hour.
-    confirm.add_step_arguments(p, {"top": "2", "seeds": "2", "precisions": "fp32",
+    # Sized for 2 CPU cores: 2 candidates and the base ranked on the seeds the search raced them
+    # on (validation, nothing retrained) and 10 final seeds on test, fp32 (README: add bf16 where
+    # native); the search gets what they leave of --total-minutes, at most its hour.
+    confirm.add_step_arguments(p, {"top": "2", "seeds": "0", "precisions": "fp32",
                                    "threads": "2", "final_seeds": "10",
                                    "final_precisions": "fp32"}, what="confirm: ")
     search_cli.add_trial_arguments(p, what="search: ")

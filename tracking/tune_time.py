@@ -78,7 +78,7 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
     seconds: dict[str, float] = {}
     screen_s = final_seed_s = 0.0  # all screening; one final seed in every final precision
     screen_runs = (args.top + 1) * args.seeds  # per precision and thread count
-    for p in precisions:
+    for p in precisions if screen_runs else ():  # --seeds 0: the search's runs, nothing to time
         for t in threads:
             s = epoch_seconds(C.replace(base, {"precision": p, "threads": t}), mnist,
                               screen_train, d.val_size + test, probe_batches)

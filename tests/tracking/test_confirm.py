@@ -3,6 +3,8 @@ x threads, the winner's final runs, recipe.yaml. Tiny real data, temporary store
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import math
 from pathlib import Path
@@ -155,6 +157,7 @@ def argv(config: Path, storage: str, *extra: str) -> list[str]:
     (["--seeds", "two"], "--seeds='two' is not an integer"),
     (["--study-name", "nope"], "no study 'nope' in storage"),
     (["--set", "model.width1=40"], "over the budget"),  # the base: the study has no trial yet
+    (["--seeds", "0"], "--seeds 0 ranks on the search's own runs, but base is not in the study"),
 ])
 def test_bad_input_exits_2_before_any_run(tmp_path, tracking_uri, capsys, extra, message):
     storage = f"journal:{tmp_path}/optuna.log"
@@ -225,3 +228,45 @@ def test_screens_on_validation_picks_the_winner_and_confirms_it(study, tmp_path,
             assert final.data.params[key] == str(value), key
     out = capsys.readouterr().out
     assert f"mlflow artifacts download -r {pid} -a recipe.yaml -d ." in out
+
+
+@pytest.mark.slow  # a search, then confirm's final run
+def test_seeds_0_ranks_on_the_searchs_own_runs_and_trains_no_screening_run(tmp_path, mnist, tracking_uri):
+    """The base enqueued and every held trial raced on 2 seeds: confirm reads those runs back."""
+    config = write_search(tmp_path, ROTATION, enqueue_base=True, race={"seeds": 2, "margin": 100.0})
+    quick = ("data.val_size=500", "device=cpu", *QUICK.split())
+    result = run_search(options(tmp_path, config, epochs=2, train_limit=1000, overrides=quick), mnist=mnist)
+    study = result.study
+    raced = {t.number: t.user_attrs["seed_scores"] for t in study.trials if t.state.name == "COMPLETE"}
+    assert raced.get(0) and set(raced[0]) == {"1", "2"}  # the base held and raced: two runs to read
+
+    assert confirm.main(argv(config, options(tmp_path, config).storage, "--top", "1", "--seeds", "0",
+                             "--final-seeds", "1", "--final-precisions", "fp32")) == 0
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("confirm-test").experiment_id
+    (parent,) = client.search_runs([exp], "tags.confirm_role = 'parent'")
+    pid = parent.info.run_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{pid}'")
+    assert [r.data.tags["confirm_role"] for r in children] == ["final"]  # nothing screened here
+    assert parent.data.params["confirm.screening"] == "search runs"
+
+    # the screening table is the search's runs: each candidate's trial run and race-seed runs
+    rows = list(csv.DictReader(io.StringIO(mlflow.artifacts.load_text(f"runs:/{pid}/screening.csv"))))
+    candidates = parent.data.params["confirm.candidates"].split(",")
+    assert "base" in candidates and {r["candidate"] for r in rows} == set(candidates)
+    trial_of = {c: int(c.split("-")[1]) for c in candidates if c != "base"}
+    trial_of.setdefault("base", 0)
+    for name, number in trial_of.items():
+        runs = {r["run_id"]: r for r in rows if r["candidate"] == name}
+        trial = study.trials[number]
+        expected = {trial.user_attrs["mlflow_run_id"]} | {
+            r.info.run_id for r in client.search_runs(
+                [trial.user_attrs["mlflow_experiment_id"]],
+                f"tags.`mlflow.parentRunId` = '{trial.user_attrs['mlflow_run_id']}' and attributes.status = 'FINISHED'")}
+        assert set(runs) == expected, name
+        assert sorted(r["seed"] for r in runs.values()) == sorted(trial.user_attrs["seed_scores"])
+        for run_id, row in runs.items():
+            val = [m.value for m in sorted(client.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.step)]
+            assert float(row["final_val_accuracy"]) == pytest.approx(val[-1])
+    (final,) = children
+    assert final.data.tags["confirm_candidate"] == parent.data.tags["winner"]

@@ -15,8 +15,9 @@ from mlflow import MlflowClient
 from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, write_search
 from mnist_mlflow import threads as T
-from tracking import confirm, promote, report, tune, tune_time
+from tracking import cli, confirm, promote, report, tune, tune_time
 from tracking.search import cli as search_cli
+from tracking.search.space import load_search
 
 QUICK = "data.val_size=500 device=cpu optim.batch_size=32 optim.ema_decay=0.9"
 
@@ -41,6 +42,7 @@ def runs_of(exp_name: str, where: str = "") -> list:
     (["--model-name", "a/b"], "--model-name 'a/b' is not allowed"),
     (["--n-trials", "0"], "--n-trials='0' is not allowed"),
     (["--probe-batches", "0"], "--probe-batches='0' is not allowed"),
+    ([], "--seeds 0 ranks the candidates on the search's own runs and needs the base"),  # none enqueued
 ])
 def test_bad_input_exits_2_before_any_run(tmp_path, env, capsys, extra, message):
     assert tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t", *extra]) == 2
@@ -72,7 +74,7 @@ def test_each_step_reads_tunes_flags_with_its_own_parser():
     assert search.overrides == confirmed.overrides == ["data.val_size=500 device=cpu", "optim.lr=0.01"]
     for got in (search, confirmed):
         assert (got.config, got.storage, got.study_name) == (args.config, "sqlite:///s.db", "study")
-    assert (confirmed.top, confirmed.seeds, confirmed.precisions) == (1, 2, "bf16,fp32")  # tune's defaults
+    assert (confirmed.top, confirmed.seeds, confirmed.precisions) == (1, 0, "bf16,fp32")  # tune's defaults
     assert (promoted.model_name, promoted.target, promoted.hold, promoted.parent_run_id) == (
         "m", 20.0, 1, "confirm-run")
     assert promoted.config == str(ROOT / "experiments/stage3.yaml")  # not tune's search file
@@ -93,6 +95,12 @@ def test_confirm_is_timed_first_and_the_search_gets_what_is_left(tmp_path, mnist
     assert chain.confirm == pytest.approx(tune_time.MARGIN * (screen + final) / 60)
     assert (chain.screen_runs, chain.final_runs, chain.epochs) == (8, 3, spec.horizon)
     assert chain.search == pytest.approx(min(60, 40 - chain.confirm - tune_time.OVERHEAD_MINUTES))
+    args.seeds = 0  # tune's default: the search's own runs rank the candidates, nothing to time
+    spec = load_search(write_search(tmp_path, ROTATION, enqueue_base=True), cli.overrides(args, confirm.CONFIG_FLAGS))
+    chain = tune_time.plan_chain(spec, args, mnist, probe_batches=4)
+    assert set(chain.epoch_seconds) == {f"final fp32 t{T.TORCH_DEFAULT}"} and chain.screen_runs == 0
+    final = 3 * spec.horizon * chain.epoch_seconds[f"final fp32 t{T.TORCH_DEFAULT}"]
+    assert chain.confirm == pytest.approx(tune_time.MARGIN * final / 60)
     args.total_minutes = 14  # leaves the search less than 10 minutes
     with pytest.raises(tune_time.ChainTooLong, match=r"--total-minutes=14 is not enough here: .* allow at least"):
         tune_time.plan_chain(spec, args, mnist, probe_batches=4)
@@ -126,8 +134,8 @@ def test_a_chain_too_long_names_the_final_seeds_that_fit(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # the whole command, its data load and both probes
 def test_a_chain_that_cannot_fit_its_time_exits_2_before_any_run(tmp_path, env, capsys):
-    code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",
-                      "--train-limit", "1000", "--set", QUICK, "--threads", "1", "--total-minutes", "12",
+    code = tune.main(["--config", str(write_search(tmp_path, ROTATION, enqueue_base=True)), "--experiment", "t",
+                      "--train-limit", "1000", "--set", QUICK, "--total-minutes", "12",
                       "--probe-batches", "4"])
     assert code == 2
     err = capsys.readouterr().err
@@ -138,7 +146,7 @@ def test_a_chain_that_cannot_fit_its_time_exits_2_before_any_run(tmp_path, env, 
 @pytest.mark.slow  # the search step is a process of its own
 def test_a_failing_step_fails_the_chain_and_stops_it(tmp_path, env, capsys):
     # the search step refuses a journal file in a folder that does not exist (its exit 2)
-    code = tune.main(["--config", str(write_search(tmp_path, ROTATION)), "--experiment", "t",
+    code = tune.main(["--config", str(write_search(tmp_path, ROTATION, enqueue_base=True)), "--experiment", "t",
                       "--storage", f"journal:{tmp_path}/missing/optuna.log", "--n-trials", "1",
                       "--train-limit", "1000", "--set", QUICK, "--probe-batches", "4"])  # confirm's timing: quick
     assert code == 1

@@ -144,7 +144,7 @@ def test_ctrl_c_to_mlflow_run_leaves_search_confirm_and_tune_killed_with_their_r
         "confirm": ({**quick, "storage": confirm_storage, "study_name": "confirm", "top": 1, "seeds": 1,
                      "precisions": "fp32", "threads": 1, "final_seeds": 1, "final_precisions": "fp32"}, 1, 2),
         "tune": ({**quick, "n_trials": 1, "storage": f"sqlite:///{tmp_path}/tune.db",
-                  "study_name": "tune", "probe_batches": 4}, 1, 3),  # tune, its search step, the trial
+                  "study_name": "tune", "probe_batches": 4, "seeds": 1}, 1, 3),  # tune, its search step, the trial
     }
     procs = {entry: start_entry(entry, tmp_path / entry, params) for entry, (params, _, _) in entries.items()}
     try:
