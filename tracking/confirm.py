@@ -158,9 +158,11 @@ def trial_numbers(study: optuna.Study, candidates: list[ScreenedRecipe],
     base = next(c for c in candidates if c.name == "base")
     if base.trial is None:
         key = recipe_key(base.config)
-        out["base"] = next((t.number for t in study.get_trials(deepcopy=False, states=(
-            optuna.trial.TrialState.COMPLETE,)) if N.CONFIG in t.user_attrs
-            and recipe_key(trial_config(t, fixed)) == key), None)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            with contextlib.suppress(ConfirmError):  # a resumed study's older trial may not fit
+                if N.CONFIG in t.user_attrs and recipe_key(trial_config(t, fixed)) == key:
+                    out["base"] = t.number
+                    break
     return out
 
 

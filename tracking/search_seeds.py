@@ -53,6 +53,9 @@ def recorded_screens(study: optuna.Study, trials: dict[str, int | None], thresho
         for run in found:
             p = run.data.params
             val = val_history(client, run.info.run_id)
+            if not val:  # no validation split: nothing to rank on
+                raise NoRecordedSeeds(f"--seeds 0 ranks on validation, but {name}'s run {run.info.run_id} "
+                                      "logged no val_accuracy; screen with --seeds 2 instead")
             out.append(R.screen_run(name, int(p["seed"]), p.get("precision", "?"),
                                     int(p.get(THREADS_PARAM, 0)), run.info.run_id, val, threshold, hold))
     return out
