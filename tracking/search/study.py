@@ -22,6 +22,7 @@ from tracking.lifecycle.shared_writes import retry
 
 OBJECTIVE = "hold-epoch"  # the objective's name and version, stored with the study
 HEARTBEAT_S, MAX_RETRY = 60, 2  # RDB storage: a trial silent for 3 heartbeats is stale
+SQLITE_WAIT_S = 60  # how long a worker waits for another's write lock on a SQLite study
 RACED_CREATING_TABLES = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)  # retried
 
 
@@ -81,14 +82,40 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
     def rdb() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-                heartbeat_stale_trial_callback=RetryAndCloseRun(MAX_RETRY, 3 * heartbeat_s))
+                heartbeat_stale_trial_callback=RetryAndCloseRun(MAX_RETRY, 3 * heartbeat_s),
+                engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}} if is_sqlite(url) else None)
+        if is_sqlite(url):
+            lock_before_reading(storage.engine)
+        return storage
 
     # Workers starting at once on an empty database race to create Optuna's tables; the loser
     # finds them made on its next try.
     return retry(rdb, attempts=3, wait=lambda _: random.uniform(0.5, 1.5),
                  on=lambda exc: isinstance(exc, RACED_CREATING_TABLES))
+
+
+def is_sqlite(url: str) -> bool:
+    return sqlalchemy.engine.make_url(url).get_backend_name() == "sqlite"
+
+
+def lock_before_reading(engine: sqlalchemy.engine.Engine) -> None:
+    """Every transaction takes SQLite's write lock at its start (BEGIN IMMEDIATE).
+
+    Python's sqlite3 begins a transaction only at the first write, so two workers could both
+    read a queued trial (the incumbent, a retry) as WAITING and both run it (optuna#4002):
+    Optuna's row lock (SELECT ... FOR UPDATE) is what guards this on PostgreSQL and MySQL.
+    """
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _driver_leaves_transactions_to_us(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners (creating the tables) are dropped
 
 
 def check_journal(url: str, path: str) -> None:

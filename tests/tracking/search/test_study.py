@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import optuna
 import pytest
 from mnist_mlflow import config as C
@@ -84,3 +86,28 @@ def test_a_study_resumes_only_with_its_search_space(tmp_path):
     with pytest.raises(ConfigError, match=r"study 'sp' was made with another search space: "
                                           r".*search_sgd.yaml adds optim.name, optim.nesterov; changes schedule.max_lr;"):
         search_study.open_study(load_search(sgd), storage, "sp")
+
+
+def _ask_at_once(url: str, name: str, barrier, numbers) -> None:
+    study = optuna.load_study(study_name=name, storage=search_study.open_storage(url))
+    barrier.wait()
+    numbers.put(study.ask().number)
+
+
+def test_two_workers_asking_at_once_never_both_get_the_queued_trial(tmp_path):
+    """SQLite: a queued trial (the incumbent, a retry) goes to one worker only. Without
+    BEGIN IMMEDIATE both read it WAITING and both ran it (9 rounds in 10 when asking at once)."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    storage = search_study.open_storage(url)
+    fork = multiprocessing.get_context("fork")  # only Optuna and SQLAlchemy run in the children
+    for round_ in range(12):
+        optuna.create_study(study_name=f"r{round_}", storage=storage).enqueue_trial({"x": 1.0})
+        barrier, numbers = fork.Barrier(2), fork.Queue()
+        workers = [fork.Process(target=_ask_at_once, args=(url, f"r{round_}", barrier, numbers))
+                   for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert [w.exitcode for w in workers] == [0, 0]
+        assert sorted([numbers.get(timeout=5), numbers.get(timeout=5)]) == [0, 1], f"round {round_}"
