@@ -15,9 +15,13 @@ All as nested MLflow runs under one parent run:
    run: it ranks on the search's own finished runs of each candidate (the seeds it raced them
    on, same split and threshold; tracking/search_seeds.py), which needs the base in the study.
 3. Final: the winner over seeds 1..F x precisions on all 60,000 training images, test set
-   reported, models logged (tracking.promote can register one). The parent logs the
-   consistency summary, the per-seed curves and recipe.yaml: ``extends: stage3.yaml`` plus only
-   the keys that differ from experiments/stage3.yaml.
+   reported, models logged (tracking.promote can register one). A winner other than the base
+   must also beat it on test: the base trains the same final seeds, and the winner becomes the
+   champion only if it held in every final run with a mean hold epoch at least
+   ``--min-test-gain`` (1) epochs earlier; otherwise the base is the champion (tag
+   ``champion``; tracking.promote registers only the champion's runs). The parent logs the
+   champion's consistency summary and per-seed curves, every final run's row, and recipe.yaml:
+   ``extends: stage3.yaml`` plus only the keys that differ from experiments/stage3.yaml.
 
 Exit codes: 0 done; 2 bad input (nothing created); 130 or 143 interrupted by Ctrl-C or
 SIGTERM (runs ended KILLED).
@@ -50,6 +54,7 @@ from tracking import cli, consistency, search_seeds
 from tracking.lifecycle import mlflow_run, runs
 from tracking.cli import markdown
 from tracking.lifecycle.signals import exit_code
+from tracking.promotion.candidates import CANDIDATE_TAG, CHAMPION_TAG
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
 from tracking.search.space import SearchSpec, load_search
@@ -61,6 +66,7 @@ CONFIG_FLAGS = ("epochs", "train_limit", "test_limit")  # the cli.OVERRIDES of e
 RECIPE = "recipe.yaml"
 # Where two candidates differ only here, screening would train the same runs twice.
 SCREEN_VARIES = ("stage", "seed", "precision", "threads")
+MIN_TEST_GAIN = 1.0  # epochs of mean test hold a new recipe must gain over the base (issue 29)
 
 
 class ConfirmError(RuntimeError):
@@ -88,6 +94,7 @@ class ConfirmPlan:
     study_name: str
     storage: str
     recorded: tuple[R.ScreenRun, ...] = ()  # no seeds: the search's own runs are the screening
+    min_test_gain: float = MIN_TEST_GAIN
 
 
 # ---------------------------------------------------------------- candidates
@@ -224,22 +231,37 @@ def screen(plan: ConfirmPlan, mnist: Mnist) -> list[R.ScreenRun]:
     return out
 
 
-def final(plan: ConfirmPlan, winner: ScreenedRecipe,
+def final(plan: ConfirmPlan, cand: ScreenedRecipe,
           mnist: Mnist) -> tuple[list[runs.RunOutcome], list[dict]]:
     threads = torch.get_num_threads()
-    cfg0 = C.replace(winner.config, {"data.val_size": 0})  # all 60,000 training images
+    cfg0 = C.replace(cand.config, {"data.val_size": 0})  # all 60,000 training images
     outcomes, rows = [], []
     for seed in plan.final_seeds:
         for precision in plan.final_precisions:
             cfg = numerics(cfg0, seed, precision, threads)
-            tags = {"confirm_role": "final", "confirm_candidate": winner.name}
-            o = train(cfg, mnist, threads, f"final-s{seed}-{precision}", tags, log_model=True)
+            tags = {"confirm_role": "final", CANDIDATE_TAG: cand.name}
+            o = train(cfg, mnist, threads, f"final-{cand.name}-s{seed}-{precision}", tags, log_model=True)
             outcomes.append(o)
-            rows.append(R.final_row(seed, precision, o.run_id, o.hold,
+            rows.append(R.final_row(cand.name, seed, precision, o.run_id, o.hold,
                                     [h.test_accuracy for h in o.result.history]))
             line = o.summary(cfg).splitlines()
-            print(f"final seed {seed} {precision}: {line[1]}; {line[2]}", flush=True)
+            print(f"final {cand.name} seed {seed} {precision}: {line[1]}; {line[2]}", flush=True)
     return outcomes, rows
+
+
+def champion_on_test(plan: ConfirmPlan, winner: ScreenedRecipe, mnist: Mnist
+                     ) -> tuple[ScreenedRecipe, str, list[runs.RunOutcome], list[dict]]:
+    """The winner's final runs and, when it is not the base, the base's on the same seeds:
+    (champion, why, the champion's outcomes, every final row)."""
+    outcomes, rows = final(plan, winner, mnist)
+    if winner.name == "base":
+        return winner, "base won on validation: its final runs are the champion's", outcomes, rows
+    base = next(c for c in plan.candidates if c.name == "base")
+    base_outcomes, base_rows = final(plan, base, mnist)
+    name, why = R.test_verdict(winner.name, rows, base.name, base_rows, plan.min_test_gain)
+    if name == base.name:
+        return base, why, base_outcomes, rows + base_rows
+    return winner, why, outcomes, rows + base_rows
 
 
 def run_confirm(plan: ConfirmPlan, mnist: Mnist) -> str:
@@ -258,8 +280,10 @@ def run_confirm(plan: ConfirmPlan, mnist: Mnist) -> str:
         print(f"winner: {why}", flush=True)
         mlflow.set_tags({"winner": winner.name, "winner_reason": why,
                          "winner_trial": "none" if winner.trial is None else winner.trial})
-        outcomes, rows = final(plan, winner, mnist)
-        log_final(plan, winner, outcomes, rows)
+        champion, why, outcomes, rows = champion_on_test(plan, winner, mnist)
+        print(f"champion: {why}", flush=True)
+        mlflow.set_tags({CHAMPION_TAG: champion.name, "champion_reason": why})
+        log_final(plan, champion, outcomes, rows)
     return parent.info.run_id
 
 
@@ -274,6 +298,7 @@ def log_plan(plan: ConfirmPlan) -> None:
         "confirm.threads": ",".join(map(str, plan.threads)),
         "confirm.final_seeds": len(plan.final_seeds),
         "confirm.final_precisions": ",".join(plan.final_precisions),
+        "confirm.min_test_gain": plan.min_test_gain,
         "confirm.val_threshold": plan.threshold, "confirm.hold": plan.spec.base.target.hold})
     for c in plan.candidates:
         mlflow.log_text(yaml_of(c.config), f"candidates/{c.name}.yaml")
@@ -294,18 +319,23 @@ def log_screening(screens: list[R.ScreenRun], scores: list[R.Score]) -> None:
     mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "screening.json")
 
 
-def log_final(plan: ConfirmPlan, winner: ScreenedRecipe, outcomes: list[runs.RunOutcome],
+def log_final(plan: ConfirmPlan, champion: ScreenedRecipe, outcomes: list[runs.RunOutcome],
               rows: list[dict]) -> None:
-    cfg = winner.config
+    """The champion's summary and curves; every final run's row (the base's too, when it ran)."""
+    cfg = champion.config
     stats = consistency.seed_stats(outcomes, cfg)
     mlflow.log_metrics({f"final.{k}": v for k, v in stats.items()})
+    for name in dict.fromkeys(r["candidate"] for r in rows):
+        held = [r["hold_epoch"] for r in rows if r["candidate"] == name and r["held"]]
+        mlflow.log_metrics({f"final.{name}.holds": len(held),
+                            **({f"final.{name}.hold_epoch_mean": sum(held) / len(held)} if held else {})})
     mlflow.log_text(R.csv(rows), "final.csv")
     mlflow.log_text(markdown(rows), "final.md")
-    labels = [f"{r['seed']} {r['precision']}" for r in rows]
+    labels = [f"{r['seed']} {r['precision']}" for r in rows if r["candidate"] == champion.name]
     histories = [[h.test_accuracy for h in o.result.history] for o in outcomes]
     mlflow.log_figure(consistency.seed_figure(labels, histories, cfg.target.accuracy), "figures/seeds.png")
     consistency.plt.close("all")
-    header = (f"Confirmed by tracking.confirm: {winner.name} of study {plan.study_name!r}.\n"
+    header = (f"Confirmed by tracking.confirm: {champion.name} of study {plan.study_name!r} is the champion.\n"
               f"Final: {stats['seeds_holding']} of {stats['seeds']} runs (seeds "
               f"{plan.final_seeds[0]}-{plan.final_seeds[-1]} x {', '.join(plan.final_precisions)}) "
               f"held >= {cfg.target.accuracy}% test accuracy for {cfg.target.hold} epochs; final "
@@ -354,13 +384,14 @@ def make_plan(args: argparse.Namespace) -> ConfirmPlan:
             raise ConfirmError(str(exc)) from None
     return ConfirmPlan(spec, tuple(candidates), tuple(range(1, args.seeds + 1)), precisions, threads,
                        tuple(range(1, args.final_seeds + 1)), final_precisions, threshold, study_name,
-                       storage, tuple(recorded))
+                       storage, tuple(recorded), args.min_test_gain)
 
 
 def parser() -> cli.Parser:
     p = cli.parser("python -m tracking.confirm", __doc__)
     add_step_arguments(p, {"top": "3", "seeds": "2", "precisions": "bf16,fp32", "threads": "1,2",
-                           "final_seeds": "10", "final_precisions": "bf16,fp32"})
+                           "final_seeds": "10", "final_precisions": "bf16,fp32",
+                           "min_test_gain": str(MIN_TEST_GAIN)})
     cli.add_experiment(p)
     return p
 
@@ -377,6 +408,9 @@ def add_step_arguments(p: argparse.ArgumentParser, defaults: dict[str, str], wha
     for dest, (minimum, help_text) in counts.items():
         cli.add(p, "--" + dest.replace("_", "-"), int, minimum, unset=int(defaults[dest]),
                 help=f"{what}{help_text} (default {defaults[dest]})")
+    cli.add(p, "--min-test-gain", float, 0, unset=float(defaults["min_test_gain"]),
+            help=f"{what}mean test hold epochs a winner other than the base must gain over the base on "
+                 f"the same final seeds to be the champion (default {defaults['min_test_gain']})")
     for dest, help_text in (("precisions", "screening precisions"), ("threads", "screening torch "
                             "thread counts"), ("final_precisions", "final precisions")):
         p.add_argument("--" + dest.replace("_", "-"), type=lambda text, d=defaults[dest]: text or d,

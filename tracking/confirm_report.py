@@ -109,6 +109,28 @@ def choose(scores: list[Score], base: str, sd: Optional[float], z: float = 1.96)
     return base, f"{base} stays: {top.candidate} ranked first but within the noise: {verdict}"
 
 
+def test_verdict(winner: str, winner_rows: list[dict[str, Any]], base: str,
+                 base_rows: list[dict[str, Any]], min_gain: float) -> tuple[str, str]:
+    """The champion and why, from the final runs on test (same seeds and precisions): the
+    validation winner replaces the base only when it held in every final run and its mean hold
+    epoch is at least `min_gain` epochs earlier than the base's (or the base missed a run)."""
+    def held(rows: list[dict[str, Any]]) -> list[int]:
+        return [r["hold_epoch"] for r in rows if r["held"]]
+
+    w, b = held(winner_rows), held(base_rows)
+    counts = f"{winner} held the test target in {len(w)} of {len(winner_rows)} final runs, {base} in {len(b)} of {len(base_rows)}"
+    if len(w) < len(winner_rows):
+        return base, f"{base} stays: {counts} (the winner must hold in all)"
+    if len(b) < len(base_rows):
+        return winner, f"{winner} replaces {base}: {counts}"
+    gap = _mean(b) - _mean(w)
+    verdict = (f"{counts}; hold completed at epoch {_mean(w):.2f} on average against {base}'s "
+               f"{_mean(b):.2f}: {gap:.2f} epochs earlier (needs >= {min_gain:g})")
+    if gap >= min_gain:
+        return winner, f"{winner} replaces {base} on test: {verdict}"
+    return base, f"{base} stays: {verdict}"
+
+
 # ---------------------------------------------------------------- tables
 
 def csv(rows: list[dict[str, Any]]) -> str:
@@ -117,9 +139,10 @@ def csv(rows: list[dict[str, Any]]) -> str:
     return pd.DataFrame(rows).to_csv(index=False)
 
 
-def final_row(seed: int, precision: str, run_id: str, hold: HoldSummary,
+def final_row(candidate: str, seed: int, precision: str, run_id: str, hold: HoldSummary,
               test_accuracy: list[float]) -> dict[str, Any]:
-    return {"seed": seed, "precision": precision, "held": hold.target_reached_epoch is not None,
+    return {"candidate": candidate, "seed": seed, "precision": precision,
+            "held": hold.target_reached_epoch is not None,
             "hold_epoch": hold.target_reached_epoch, "held_test_accuracy": hold.held_accuracy,
             "best_test_accuracy": hold.best_accuracy, "final_test_accuracy": test_accuracy[-1],
             "run_id": run_id}

@@ -6,7 +6,8 @@
 
 "First" is by start time over FINISHED runs (stage runs and search trials alike) that
 have a logged model named "model" and a ``test_accuracy`` history; with ``--parent-run-id``
-only the children of that run (e.g. tracking.confirm's final runs). Only runs this project
+only the children of that run (e.g. tracking.confirm's final runs; of its champion, when its
+tag ``champion`` names one). Only runs this project
 logged (tag made_by=mnist-mlflow) whose logged model is verifiably a TinyNet of their
 `model.*` config count: it is loaded without executing anything from the store
 (tracking/lifecycle/safe_model.py); any other run that held the target is skipped with one line on
@@ -38,8 +39,9 @@ from mnist_mlflow.data import DataError, Mnist, load_mnist
 from mnist_mlflow.evaluation import evaluate
 from tracking import cli
 from tracking.lifecycle import mlflow_run
-from tracking.promotion.candidates import (METRIC, AccuracyMismatch, Candidate, Criteria, NoCandidate,
-                                 PromotionError, no_candidate_message, param_int, select_run)
+from tracking.promotion.candidates import (CHAMPION_TAG, METRIC, AccuracyMismatch, Candidate, Criteria,
+                                           NoCandidate, PromotionError, no_candidate_message,
+                                           param_int, select_run)
 from tracking.promotion.registry import check_ours, complete, find_version, register
 
 DEFAULT_MODEL_NAME = "mnist-8k"
@@ -141,14 +143,14 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: Optional[float] = None
     check_arguments(model_name, crit.target, crit.hold, parent_run_id)
     client = MlflowClient()
     check_ours(client, model_name)  # before the scan: another team's model is refused at once
-    if parent_run_id:
-        client.get_run(parent_run_id)  # an unknown id fails here (exit 2), not as "no candidate"
+    champion = champion_of(client, parent_run_id) if parent_run_id else None
     cand, rejected = select_run(client, experiment_ids(client, experiment), crit, parent_run_id,
-                                on_skip=lambda line: print(line, file=sys.stderr, flush=True))
+                                on_skip=lambda line: print(line, file=sys.stderr, flush=True),
+                                candidate=champion)
     if cand is None:
         scope = f"experiment {experiment!r}" if experiment else "any experiment"
         if parent_run_id:
-            scope += f" under run {parent_run_id}"
+            scope += f" under run {parent_run_id}" + (f" (its champion {champion})" if champion else "")
         raise NoCandidate(no_candidate_message(rejected, crit, scope))
     existing = find_version(client, model_name, cand.run_id)
     # An existing version was verified when it was registered; a new one must be now.
@@ -161,6 +163,16 @@ def promote(model_name: str = DEFAULT_MODEL_NAME, target: Optional[float] = None
         return result_of(model_name, cand, existing.version, False, False, verified)
     version, created = register(client, model_name, cand, alias, crit.max_params)
     return result_of(model_name, cand, version.version, created, False, verified)
+
+
+def champion_of(client: MlflowClient, parent_run_id: str) -> Optional[str]:
+    """The candidate a confirm parent named its champion (tag), or None; an unknown run id
+    fails here (exit 2), not as "no candidate"."""
+    name = client.get_run(parent_run_id).data.tags.get(CHAMPION_TAG)
+    if name is not None and not re.fullmatch(r"base|trial-\d+", name):
+        raise PromotionError(f"run {parent_run_id}'s tag {CHAMPION_TAG}={name[:40]!r} is not allowed: "
+                             "'base' or 'trial-<number>'")
+    return name
 
 
 # ---------------------------------------------------------------- CLI

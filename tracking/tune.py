@@ -9,10 +9,11 @@ its own child run, created here and handed to the step's process through ``MLFLO
 1. ``python -m tracking.search``: the Optuna study; its trials nest under the search run.
 2. ``python -m tracking.confirm``: ranks the study's best trials and the base config on
    validation (by default on the seeds the search raced them on: ``--seeds 0``, nothing
-   retrained), runs the winner's final seeds on all 60,000 images and logs recipe.yaml; its
-   runs nest under the confirm run.
-3. ``python -m tracking.promote --parent-run-id <confirm run>``: registers the first final
-   run that held the target. Promote opens no run of its own: its output and exit code are
+   retrained), runs the winner's final seeds on all 60,000 images (a trial that won: the base's
+   too, and it becomes the champion only if it gains ``--min-test-gain`` epochs on test) and
+   logs recipe.yaml; its runs nest under the confirm run.
+3. ``python -m tracking.promote --parent-run-id <confirm run>``: registers the champion's first
+   final run that held the target. Promote opens no run of its own: its output and exit code are
    logged on the promote run here.
 
 Time: the chain fits ``--total-minutes`` (150): before anything starts, confirm's runs are timed
@@ -45,6 +46,7 @@ from mnist_mlflow.data import DataError, load_mnist
 from tracking import cli, confirm, promote, tune_time
 from tracking.lifecycle import mlflow_run, runs
 from tracking.lifecycle.signals import exit_code
+from tracking.promotion.candidates import CHAMPION_TAG
 from tracking.search import cli as search_cli
 from tracking.search import names as N
 from tracking.search.plan import DEFAULT_CONFIG
@@ -71,7 +73,7 @@ class Step:
 # Tune's flags that each step takes as its own, by argparse dest; the step's parser spells them.
 SEARCH_FLAGS = ("n_trials", "budget_minutes", *confirm.CONFIG_FLAGS, "overrides")
 CONFIRM_FLAGS = ("top", "seeds", "precisions", "threads", "final_seeds", "final_precisions",
-                 *confirm.CONFIG_FLAGS, "overrides")
+                 "min_test_gain", *confirm.CONFIG_FLAGS, "overrides")
 PROMOTE_FLAGS = ("model_name", "target", "hold")
 
 
@@ -182,7 +184,8 @@ def run_tune(args: argparse.Namespace, storage: str, study: str,
         promote_id = run_step(promote_step(args, confirm_id), parent_id, experiment_id)
         version = MlflowClient().get_model_version_by_alias(args.model_name, promote.ALIAS)
         champion = f"models:/{args.model_name}@{promote.ALIAS}"
-        info = {"model_name": args.model_name, "model_version": version.version,
+        chosen = MlflowClient().get_run(confirm_id).data.tags.get(CHAMPION_TAG, "")
+        info = {"model_name": args.model_name, "model_version": version.version, "confirm_champion": chosen,
                 "model_uri": champion, "model_run_id": version.run_id}
         mlflow.set_tags(info)
         for key, value in info.items():
@@ -213,7 +216,8 @@ def parser() -> cli.Parser:
     # native); the search gets what they leave of --total-minutes, at most its hour.
     confirm.add_step_arguments(p, {"top": "2", "seeds": "0", "precisions": "fp32",
                                    "threads": "2", "final_seeds": "10",
-                                   "final_precisions": "fp32"}, what="confirm: ")
+                                   "final_precisions": "fp32",
+                                   "min_test_gain": str(confirm.MIN_TEST_GAIN)}, what="confirm: ")
     search_cli.add_trial_arguments(p, what="search: ")
     cli.add(p, "--total-minutes", float, 1, unset=TOTAL_MINUTES,
             help=f"the whole chain's time (default {TOTAL_MINUTES:g}): confirm's runs are timed here "

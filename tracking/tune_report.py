@@ -101,7 +101,9 @@ def tune_markdown(client: MlflowClient, parent: Run) -> str:
         out += ["## Confirm", "", f"Winner: {c.data.tags.get('winner', '?')}. "
                 f"{c.data.tags.get('winner_reason', '')}", "",
                 "Screening (validation):", "", artifact(client, c.info.run_id, "screening.md"), "",
-                "Final (test, all 60,000 training images):", "", artifact(client, c.info.run_id, "final.md"), ""]
+                "Final (test, all 60,000 training images):", "", artifact(client, c.info.run_id, "final.md"), "",
+                *([f"Champion: {c.data.tags['champion']}. {c.data.tags.get('champion_reason', '')}", ""]
+                  if "champion" in c.data.tags else [])]
     if "model_version" in parent.data.tags:
         out += [f"Promoted: {parent.data.tags.get('model_uri')} (version {parent.data.tags['model_version']}).", ""]
     return "\n".join(out)

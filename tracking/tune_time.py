@@ -3,7 +3,8 @@ search gets what is left (at most its own budget) and ends by it (``--hard-budge
 
 Confirm's cost is known before the search: at most `top` + 1 candidates x seeds x precisions x
 threads screening runs on the search's split, then final seeds x final precisions runs on all
-60,000 images, each at most the search's longest schedule (`SearchSpec.horizon`). An epoch of
+60,000 images, twice when a trial wins (the base trains the same final seeds), each at most the
+search's longest schedule (`SearchSpec.horizon`). An epoch of
 each precision and thread count is timed on a slice (mnist_mlflow.timing); the estimate errs
 long (every run at the longest schedule, stretched by MARGIN for a machine that slows down).
 """
@@ -27,6 +28,7 @@ OVERHEAD_MINUTES = 5.0  # the steps' process starts and data loads, the search's
 # A shared machine's speed drifts: on the 2-core AMD EPYC an epoch took 25 s, then 37 s within
 # the hour; confirm's estimate is stretched by this much.
 MARGIN = 1.1
+FINAL_SETS = 2  # the winner's final runs, and the base's on the same seeds when a trial wins
 MIN_SEARCH_MINUTES = 10.0  # less would not finish the incumbent's first seed on a slow CPU
 
 
@@ -56,7 +58,7 @@ class ChainBudget:
         return ", ".join(f"{k} {v:.1f} s" for k, v in self.epoch_seconds.items())
 
     def line(self) -> str:
-        return (f"time: {self.total:g} minutes in all; confirm's {self.screen_runs} + {self.final_runs} "
+        return (f"time: {self.total:g} minutes in all; confirm's {self.screen_runs} + up to {self.final_runs} "
                 f"runs of up to {self.epochs} epochs take about {self.confirm:.0f} (an epoch: {self.per_epoch()}), "
                 f"so the search gets {self.search:.0f}")
 
@@ -88,14 +90,15 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
         s = epoch_seconds(C.replace(base, {"precision": p, "threads": final_threads}), mnist, final_train, test,
                           probe_batches)
         seconds[f"final {p} t{final_threads}"] = s
-        final_seed_s += spec.horizon * s
+        final_seed_s += FINAL_SETS * spec.horizon * s
 
     confirm = MARGIN * (screen_s + args.final_seeds * final_seed_s) / 60
     asked = args.budget_minutes or spec.settings.budget_minutes or math.inf
     left = args.total_minutes - confirm - OVERHEAD_MINUTES  # a shorter --budget-minutes is the user's choice
     search = min(asked, left)
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
-                         args.final_seeds * len(final_precisions), spec.horizon, seconds, probe_batches)
+                         FINAL_SETS * args.final_seeds * len(final_precisions), spec.horizon, seconds,
+                         probe_batches)
     if left < MIN_SEARCH_MINUTES:
         # what confirm may take and still leave the search its minimum; the most final seeds in it
         room = args.total_minutes - OVERHEAD_MINUTES - MIN_SEARCH_MINUTES

@@ -20,7 +20,7 @@ from mnist_mlflow import config as C
 from mnist_mlflow.evaluation import hold_summary
 from tests.conftest import ROOT
 from tests.tracking.search.helpers import ROTATION, options, write_search
-from tracking import confirm
+from tracking import confirm, promote
 from tracking.search.run import run_search
 from tracking.search.space import load_search
 from tracking.search.study import open_storage
@@ -82,6 +82,23 @@ def test_a_candidate_that_holds_where_the_base_never_does_wins():
     never = [99.0] * 14
     name, why = R.choose(_scores([HELD_AT[13], HELD_AT[13]], [never, never]), "base", 1.6)
     assert name == "trial-3" and "base in none" in why
+
+
+def finals(candidate: str, hold_epochs: list) -> list[dict]:
+    """Final rows as confirm logs them; None: that seed never held."""
+    return [{"candidate": candidate, "held": e is not None, "hold_epoch": e} for e in hold_epochs]
+
+
+@pytest.mark.parametrize("trial, base, champion, why", [
+    ([9] * 10, [10] * 10, "trial-3", "1.00 epochs earlier (needs >= 1)"),  # the issue's bar, just met
+    ([10.2] * 5 + [10] * 5, [10.3] * 10, "base", "base stays: "),  # 0.2 earlier: session 20's trial 25
+    ([5] * 9 + [None], [10] * 10, "base", "(the winner must hold in all)"),  # early, but one seed missed
+    ([12] * 10, [10] * 9 + [None], "trial-3", "trial-3 replaces base: trial-3 held the test target in "
+                                              "10 of 10 final runs, base in 9 of 10"),
+])
+def test_on_test_a_trial_replaces_the_base_only_holding_everywhere_and_a_gain_earlier(trial, base, champion, why):
+    name, reason = R.test_verdict("trial-3", finals("trial-3", trial), "base", finals("base", base), 1.0)
+    assert name == champion and why in reason
 
 
 @pytest.mark.parametrize("direction, best_first", [("minimize", [1, 2, 0]), ("maximize", [0, 2, 1])])
@@ -228,6 +245,41 @@ def test_screens_on_validation_picks_the_winner_and_confirms_it(study, tmp_path,
             assert final.data.params[key] == str(value), key
     out = capsys.readouterr().out
     assert f"mlflow artifacts download -r {pid} -a recipe.yaml -d ." in out
+
+
+@pytest.mark.slow  # six 1-epoch trainings
+def test_a_trial_that_wins_validation_trains_the_bases_finals_and_only_the_champion_is_promoted(
+        tmp_path, mnist, tracking_uri):
+    """The base here cannot learn (peak learning rate 1e-9): the trial wins screening, the base
+    trains the same final seed, the test verdict names the trial, and promote takes its run."""
+    quick = dict(C.parse_override(o) for o in QUICK.split())
+    spec = load_search(write_search(tmp_path, ROTATION),
+                       {**quick, "data.train_limit": 1000, "data.test_limit": 300, "optim.epochs": 1})
+    good = C.replace(spec.base, {"stage": "confirm"})
+    plan = confirm.ConfirmPlan(
+        spec, (confirm.ScreenedRecipe("trial-1", good, 1, 1.0),
+               confirm.ScreenedRecipe("base", C.replace(good, {"schedule.max_lr": 1e-9}))),
+        seeds=(1,), precisions=("fp32",), threads=(1,), final_seeds=(1,), final_precisions=("fp32",),
+        threshold=20.0, study_name="s", storage="none")
+    mlflow.set_experiment("confirm-test")
+    pid = confirm.run_confirm(plan, mnist)
+
+    client = MlflowClient()
+    parent = client.get_run(pid)
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'")
+    by_role = {(r.data.tags["confirm_role"], r.data.tags["confirm_candidate"]): r for r in children}
+    assert set(by_role) == {(role, c) for role in ("screen", "final") for c in ("trial-1", "base")}
+    assert parent.data.tags["winner"] == parent.data.tags["champion"] == "trial-1"
+    assert parent.data.tags["champion_reason"].startswith("trial-1 replaces base: ")
+    rows = list(csv.DictReader(io.StringIO(mlflow.artifacts.load_text(f"runs:/{pid}/final.csv"))))
+    assert [(r["candidate"], r["held"]) for r in rows] == [("trial-1", "True"), ("base", "False")]
+    assert parent.data.metrics["final.trial-1.holds"] == 1 and parent.data.metrics["final.base.holds"] == 0
+
+    result = promote.promote("confirmed", target=20.0, hold=1, mnist=mnist, parent_run_id=pid)
+    assert result.run_id == by_role["final", "trial-1"].info.run_id
+    client.set_tag(pid, "champion", "base")  # had the base stayed: its runs only, and none held
+    with pytest.raises(promote.NoCandidate, match=r"\(its champion base\)"):
+        promote.promote("confirmed", target=20.0, hold=1, dry_run=True, parent_run_id=pid)
 
 
 @pytest.mark.slow  # a search, then confirm's final run

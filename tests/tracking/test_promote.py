@@ -144,6 +144,28 @@ def test_parent_run_id_restricts_the_candidates_to_its_children(store, mnist, ca
     assert "--parent-run-id \"x' OR '1\" is not allowed" in capsys.readouterr().err
 
 
+def test_a_confirm_parent_naming_its_champion_restricts_the_candidates_to_its_runs(store, mnist, capsys):
+    """tracking.confirm tags its parent champion=<candidate> and each final run with its
+    candidate: the champion's runs are promoted even when another candidate's held first."""
+    target = min(store.a_acc + store.b_acc)  # A (first) and B both qualify
+    client = MlflowClient()
+    parent = client.create_run(client.get_experiment_by_name("main").experiment_id, run_name="confirm",
+                               tags={"champion": "base"})
+    client.set_terminated(parent.info.run_id)
+    for run_id, candidate in ((store.a.run_id, "trial-3"), (store.b.run_id, "base")):
+        client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
+        client.set_tag(run_id, "confirm_candidate", candidate)
+    result = P.promote("champion-only", target=target, hold=1, dry_run=True, mnist=mnist,
+                       parent_run_id=parent.info.run_id)
+    assert result.run_id == store.b.run_id
+    client.set_tag(parent.info.run_id, "champion", "trial-4")  # no run of it: none promoted
+    with pytest.raises(P.NoCandidate, match=r"\(its champion trial-4\)"):
+        P.promote("champion-only", target=target, hold=1, dry_run=True, parent_run_id=parent.info.run_id)
+    client.set_tag(parent.info.run_id, "champion", "x' OR '1")  # written by someone else
+    assert P.main(["--parent-run-id", parent.info.run_id, "--dry-run"]) == 2
+    assert "tag champion=\"x' OR '1\" is not allowed: 'base' or 'trial-<number>'" in capsys.readouterr().err
+
+
 def test_dry_run_registers_nothing(store, mnist):
     result = P.promote("dry", target=min(store.b_acc), hold=2, dry_run=True, mnist=mnist)
     assert result.dry_run and not result.created and result.version is None

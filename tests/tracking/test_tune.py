@@ -91,15 +91,15 @@ def test_confirm_is_timed_first_and_the_search_gets_what_is_left(tmp_path, mnist
     s = chain.epoch_seconds
     assert set(s) == {"screen fp32 t1", "screen fp32 t2", f"final fp32 t{T.TORCH_DEFAULT}"}
     screen = (1 + 1) * 2 * spec.horizon * (s["screen fp32 t1"] + s["screen fp32 t2"])
-    final = 3 * spec.horizon * s[f"final fp32 t{T.TORCH_DEFAULT}"]
+    final = 2 * 3 * spec.horizon * s[f"final fp32 t{T.TORCH_DEFAULT}"]  # the winner's, and the base's
     assert chain.confirm == pytest.approx(tune_time.MARGIN * (screen + final) / 60)
-    assert (chain.screen_runs, chain.final_runs, chain.epochs) == (8, 3, spec.horizon)
+    assert (chain.screen_runs, chain.final_runs, chain.epochs) == (8, 6, spec.horizon)
     assert chain.search == pytest.approx(min(60, 40 - chain.confirm - tune_time.OVERHEAD_MINUTES))
     args.seeds = 0  # tune's default: the search's own runs rank the candidates, nothing to time
     spec = load_search(write_search(tmp_path, ROTATION, enqueue_base=True), cli.overrides(args, confirm.CONFIG_FLAGS))
     chain = tune_time.plan_chain(spec, args, mnist, probe_batches=4)
     assert set(chain.epoch_seconds) == {f"final fp32 t{T.TORCH_DEFAULT}"} and chain.screen_runs == 0
-    final = 3 * spec.horizon * chain.epoch_seconds[f"final fp32 t{T.TORCH_DEFAULT}"]
+    final = 2 * 3 * spec.horizon * chain.epoch_seconds[f"final fp32 t{T.TORCH_DEFAULT}"]
     assert chain.confirm == pytest.approx(tune_time.MARGIN * final / 60)
     args.total_minutes = 14  # leaves the search less than 10 minutes
     with pytest.raises(tune_time.ChainTooLong, match=r"--total-minutes=14 is not enough here: .* allow at least"):
@@ -113,7 +113,7 @@ def test_a_chain_too_long_names_the_final_seeds_that_fit(tmp_path, monkeypatch):
     args = tune.parser().parse_args(["--config", str(write_search(tmp_path, ROTATION)), "--set", QUICK,
                                      "--top", "1", "--seeds", "1", "--threads", "2", "--final-seeds", "10"])
     spec, _, _ = tune.check(args)
-    screen_min, final_min = 2 * spec.horizon * 6 / 60, spec.horizon * 12 / 60  # 2 runs; one final seed
+    screen_min, final_min = 2 * spec.horizon * 6 / 60, 2 * spec.horizon * 12 / 60  # 2 runs; one final seed, twice
     fit = 4  # the total leaves room for 4.5 final seeds besides screening, overhead and the search
     args.total_minutes = (tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES
                           + tune_time.MARGIN * (screen_min + (fit + 0.5) * final_min))
@@ -173,7 +173,7 @@ def test_mlproject_entries_pass_every_parameter_and_empty_means_the_default(entr
     assert {f"--{n.replace('_', '-')}" for n in params} <= flags
     if entry == "confirm":
         assert set(params) == {"config", "storage", "study_name", "top", "seeds", "precisions", "threads",
-                               "final_seeds", "final_precisions", "epochs", "train_limit",
+                               "final_seeds", "final_precisions", "min_test_gain", "epochs", "train_limit",
                                "test_limit", "set"}
     else:
         assert {"n_trials", "top", "final_seeds", "model_name", "target", "hold"} <= set(params)
@@ -216,13 +216,16 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
     assert len(trials) == 2 and steps["search"].data.params["search.study_name"] == "quick"
     confirmed = runs_of("tune", f"tags.`mlflow.parentRunId` = '{confirm_id}'")
     roles = sorted(r.data.tags["confirm_role"] for r in confirmed)
-    assert roles == ["final", "final", "screen", "screen"]  # 2 candidates x 1 x 1 x 1; 1 seed x 2
+    winner = steps["confirm"].data.tags["winner"]  # a trial that won: the base's finals too
+    assert roles == ["final"] * (2 if winner == "base" else 4) + ["screen", "screen"]  # 2 candidates; 1 seed x 2
     assert "recipe.yaml" in {a.path for a in client.list_artifacts(confirm_id)}
 
     # the champion is one of confirm's final runs, recorded on the parent and the promote run
     champion = client.get_model_version_by_alias("tune-test", promote.ALIAS)
-    finals = {r.info.run_id for r in confirmed if r.data.tags["confirm_role"] == "final"}
-    assert champion.run_id in finals
+    chosen = steps["confirm"].data.tags["champion"]
+    finals = {r.info.run_id for r in confirmed
+              if r.data.tags["confirm_role"] == "final" and r.data.tags["confirm_candidate"] == chosen}
+    assert champion.run_id in finals and parent.data.tags["confirm_champion"] == chosen
     assert parent.data.tags["model_version"] == str(champion.version)
     assert parent.data.tags["model_uri"] == "models:/tune-test@champion"
     promote_run = client.get_run(steps["promote"].info.run_id)
@@ -235,8 +238,8 @@ def test_tune_goes_from_nothing_to_the_champion(tmp_path, env, capsys):
     text = capsys.readouterr().out
     for part in ("| search | FINISHED |", "| confirm | FINISHED |", "| promote | FINISHED |",
                  "Trials: ", "epochs trained", "## Search", "| number | trial_state | value | last_epoch | epochs_trained |",
-                 "| rotation_degrees |", "Winner: ",
-                 parent.data.tags["model_uri"], "| seed | precision | held |"):
+                 "| rotation_degrees |", "Winner: ", f"Champion: {chosen}. ",
+                 parent.data.tags["model_uri"], "| candidate | seed | precision | held |"):
         assert part in text, part
     assert " minutes of the 150 it was given." in text  # and what tune planned for each step:
     assert re.search(r"\| search \| FINISHED \| [0-9.]+ \| 60\.0 \|", text)

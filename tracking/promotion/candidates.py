@@ -21,6 +21,7 @@ from tracking.lifecycle.safe_model import MADE_BY, Unverifiable, load_verified, 
 from tracking.search.names import PARENT_TAG
 
 METRIC = "test_accuracy"
+CANDIDATE_TAG, CHAMPION_TAG = "confirm_candidate", "champion"  # on confirm's final runs, its parent
 CLOSEST_SHOWN = 5
 
 
@@ -75,14 +76,17 @@ class Candidate:
         return self.run.info.run_id
 
 
-def finished_runs(client: MlflowClient, exp_ids: list[str],
-                  parent_run_id: Optional[str] = None) -> Iterator[Run]:
+def finished_runs(client: MlflowClient, exp_ids: list[str], parent_run_id: Optional[str] = None,
+                  candidate: Optional[str] = None) -> Iterator[Run]:
     """Oldest first, page by page: the first qualifying run is often early (mlflow.search_runs
-    would read every page before the first run is looked at)."""
+    would read every page before the first run is looked at). `candidate`: only the children
+    tagged confirm_candidate=`candidate` (ids and names checked by the caller)."""
     token = None
     where = "attributes.status = 'FINISHED'"
     if parent_run_id:
         where += f" AND tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    if candidate:
+        where += f" AND tags.`{CANDIDATE_TAG}` = '{candidate}'"
     while True:
         page = client.search_runs(exp_ids, where,
                                   order_by=["attributes.start_time ASC"], page_token=token)
@@ -150,11 +154,12 @@ def qualify(client: MlflowClient, cand: Candidate, crit: Criteria) -> Candidate:
 def select_run(client: MlflowClient, exp_ids: list[str], crit: Criteria,
                parent_run_id: Optional[str] = None,
                on_skip: Callable[[str], None] = lambda line: None,
+               candidate: Optional[str] = None,
                ) -> tuple[Optional[Candidate], list[Candidate]]:
     """(first qualifying candidate or None, the rejected ones scanned before it); `on_skip`
     gets one line for each run that held the target but could not be verified."""
     rejected: list[Candidate] = []
-    for run in finished_runs(client, exp_ids, parent_run_id):
+    for run in finished_runs(client, exp_ids, parent_run_id, candidate):
         history = accuracy_history(client, run.info.run_id)
         if not history:
             continue  # not a training run (a search parent, a benchmark without test metric)
