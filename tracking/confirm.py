@@ -441,7 +441,7 @@ def command(argv: list[str] | None) -> int:
     print(f"candidates: {', '.join(c.name for c in plan.candidates)}; screening "
           f"{len(plan.candidates) * len(plan.seeds) * len(plan.precisions) * len(plan.threads)} runs "
           f"on validation (threshold {plan.threshold:g}%), then {len(plan.final_seeds) * len(plan.final_precisions)} "
-          "final runs", flush=True)
+          "final runs (twice that if a trial wins: the base's on the same seeds)", flush=True)
     try:
         run_id = run_confirm(plan, mnist)
     except KeyboardInterrupt as exc:

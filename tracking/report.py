@@ -130,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", action="append", help=f"repeatable (default {cli.DEFAULT_EXPERIMENT})")
     p.add_argument("--stage", default=None, help="only this stage, e.g. stage3")
     p.add_argument("--figure", default=None, help="also draw the test-accuracy curves into this PNG")
-    p.add_argument("--tune", default=None, metavar="RUN_ID",
+    one = p.add_mutually_exclusive_group()
+    one.add_argument("--tune", default=None, metavar="RUN_ID",
                    help="instead: one tune chain's steps, trials, screening and final seeds ('latest': "
                         "the newest tune run, in --experiment or any experiment)")
+    one.add_argument("--confirm", default=None, metavar="RUN_ID",
+                   help="instead: one confirm run's screening, final seeds and champion ('latest': "
+                        "the newest confirm run)")
     try:
         args = p.parse_args(argv)
         if args.figure:
@@ -141,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, MlflowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.tune:
-        return print_tune(args.tune, args.experiment)
+    if args.tune or args.confirm:
+        return print_tune(args.tune or args.confirm, args.experiment, "tune" if args.tune else "confirm")
     table = rows(args.experiment or [cli.DEFAULT_EXPERIMENT], args.stage)
     print(markdown(table) or "(no finished runs)")
     if table:
@@ -159,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_tune(run_id: str, experiments: list[str] | None) -> int:
+def print_tune(run_id: str, experiments: list[str] | None, stage: str = "tune") -> int:
     client = MlflowClient()
     try:
         ids = ([e.experiment_id for name in experiments if (e := client.get_experiment_by_name(name))]
                if experiments else [e.experiment_id for e in client.search_experiments()])
-        print(tune_report.tune_markdown(client, tune_report.tune_run(client, ids, run_id)))
+        run = tune_report.tune_run(client, ids, run_id, stage)
+        print(tune_report.tune_markdown(client, run) if stage == "tune"
+              else tune_report.confirm_markdown(client, run, run_id))
     except (C.ConfigError, MlflowException) as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2

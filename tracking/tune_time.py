@@ -78,7 +78,8 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
     final_threads = T.TORCH_DEFAULT
 
     seconds: dict[str, float] = {}
-    screen_s = final_seed_s = 0.0  # all screening; one final seed in every final precision
+    screen_s = final_seed_s = 0.0  # all screening; one final seed in every final precision, each set
+    sets = FINAL_SETS if args.top else 1  # --top 0: only the base, which trains its finals once
     screen_runs = (args.top + 1) * args.seeds  # per precision and thread count
     for p in precisions if screen_runs else ():  # --seeds 0: the search's runs, nothing to time
         for t in threads:
@@ -90,14 +91,14 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
         s = epoch_seconds(C.replace(base, {"precision": p, "threads": final_threads}), mnist, final_train, test,
                           probe_batches)
         seconds[f"final {p} t{final_threads}"] = s
-        final_seed_s += FINAL_SETS * spec.horizon * s
+        final_seed_s += sets * spec.horizon * s
 
     confirm = MARGIN * (screen_s + args.final_seeds * final_seed_s) / 60
     asked = args.budget_minutes or spec.settings.budget_minutes or math.inf
     left = args.total_minutes - confirm - OVERHEAD_MINUTES  # a shorter --budget-minutes is the user's choice
     search = min(asked, left)
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
-                         FINAL_SETS * args.final_seeds * len(final_precisions), spec.horizon, seconds,
+                         sets * args.final_seeds * len(final_precisions), spec.horizon, seconds,
                          probe_batches)
     if left < MIN_SEARCH_MINUTES:
         # what confirm may take and still leave the search its minimum; the most final seeds in it

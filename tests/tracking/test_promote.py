@@ -155,6 +155,7 @@ def test_a_confirm_parent_naming_its_champion_restricts_the_candidates_to_its_ru
     for run_id, candidate in ((store.a.run_id, "trial-3"), (store.b.run_id, "base")):
         client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
         client.set_tag(run_id, "confirm_candidate", candidate)
+        client.set_tag(run_id, "confirm_role", "final")
     result = P.promote("champion-only", target=target, hold=1, dry_run=True, mnist=mnist,
                        parent_run_id=parent.info.run_id)
     assert result.run_id == store.b.run_id

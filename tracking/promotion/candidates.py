@@ -85,8 +85,8 @@ def finished_runs(client: MlflowClient, exp_ids: list[str], parent_run_id: Optio
     where = "attributes.status = 'FINISHED'"
     if parent_run_id:
         where += f" AND tags.`{PARENT_TAG}` = '{parent_run_id}'"
-    if candidate:
-        where += f" AND tags.`{CANDIDATE_TAG}` = '{candidate}'"
+    if candidate:  # its final runs; its screening runs log no model
+        where += f" AND tags.`{CANDIDATE_TAG}` = '{candidate}' AND tags.confirm_role = 'final'"
     while True:
         page = client.search_runs(exp_ids, where,
                                   order_by=["attributes.start_time ASC"], page_token=token)
