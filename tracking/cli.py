@@ -69,8 +69,6 @@ def value(name: str, text: Optional[str], kind: type = int, minimum: float | Non
         number = kind(text)
     except ValueError:
         raise C.ConfigError(f"--{name}={text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(number):
-        raise C.ConfigError(f"--{name}={text!r} is not allowed: a finite number")
     if minimum is not None and number < minimum:
         raise C.ConfigError(f"--{name}={text!r} is not allowed: {minimum} or more")
     return number

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
@@ -364,6 +365,7 @@ def data_note(cfg: C.RunConfig) -> str:
 def make_plan(args: argparse.Namespace) -> ConfirmPlan:
     """Every check that needs no run: arguments, search file, study, configs, budget."""
     overrides = cli.overrides(args, CONFIG_FLAGS)
+    check_min_test_gain(args.min_test_gain)
     precisions = cli.choice_list("precisions", args.precisions, PRECISIONS)
     threads = cli.int_list("threads", args.threads, 1)
     final_precisions = cli.choice_list("final-precisions", args.final_precisions, PRECISIONS)
@@ -385,6 +387,11 @@ def make_plan(args: argparse.Namespace) -> ConfirmPlan:
     return ConfirmPlan(spec, tuple(candidates), tuple(range(1, args.seeds + 1)), precisions, threads,
                        tuple(range(1, args.final_seeds + 1)), final_precisions, threshold, study_name,
                        storage, tuple(recorded), args.min_test_gain)
+
+
+def check_min_test_gain(gain: float) -> None:
+    if not math.isfinite(gain):  # nan >= 0 is False: the flag's minimum lets it through
+        raise C.ConfigError(f"--min-test-gain={gain:g} is not allowed: a finite number of epochs, 0 or more")
 
 
 def parser() -> cli.Parser:

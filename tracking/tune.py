@@ -200,6 +200,7 @@ def check(args: argparse.Namespace) -> tuple[SearchSpec, str, str]:
     for name in ("precisions", "final_precisions"):
         cli.choice_list(name.replace("_", "-"), getattr(args, name), confirm.PRECISIONS)
     cli.int_list("threads", args.threads, 1)
+    confirm.check_min_test_gain(args.min_test_gain)
     crit = promote.Criteria.of(target=args.target, hold=args.hold)
     promote.check_arguments(args.model_name, crit.target, crit.hold)
     if args.seeds == 0 and not spec.settings.enqueue_base:

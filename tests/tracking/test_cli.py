@@ -55,8 +55,6 @@ def test_value(kind, text, expected):
     (int, "1.5", None, "--x='1.5' is not an integer"),
     (float, "a", None, "--x='a' is not a number"),
     (int, "0", 1, "--x='0' is not allowed: 1 or more"),
-    (float, "nan", 0, "--x='nan' is not allowed: a finite number"),  # nan < 0 is False
-    (float, "inf", None, "--x='inf' is not allowed: a finite number"),
     (bool, "maybe", None, "--x='maybe' is not allowed: true or false"),
 ])
 def test_bad_values_name_the_flag(kind, text, minimum, message):

@@ -175,6 +175,7 @@ def argv(config: Path, storage: str, *extra: str) -> list[str]:
     (["--study-name", "nope"], "no study 'nope' in storage"),
     (["--set", "model.width1=40"], "over the budget"),  # the base: the study has no trial yet
     (["--seeds", "0"], "--seeds 0 ranks on the search's own runs, but base is not in the study"),
+    (["--min-test-gain", "nan"], "--min-test-gain=nan is not allowed: a finite number of epochs"),
 ])
 def test_bad_input_exits_2_before_any_run(tmp_path, tracking_uri, capsys, extra, message):
     storage = f"journal:{tmp_path}/optuna.log"
