@@ -96,6 +96,7 @@ class ConfirmPlan:
     storage: str
     recorded: tuple[R.ScreenRun, ...] = ()  # no seeds: the search's own runs are the screening
     min_test_gain: float = MIN_TEST_GAIN
+    test_winner: bool = True  # False: a trial that wins validation is not tested; the base stays
 
 
 # ---------------------------------------------------------------- candidates
@@ -254,10 +255,14 @@ def champion_on_test(plan: ConfirmPlan, winner: ScreenedRecipe, mnist: Mnist
                      ) -> tuple[ScreenedRecipe, str, list[runs.RunOutcome], list[dict]]:
     """The winner's final runs and, when it is not the base, the base's on the same seeds:
     (champion, why, the champion's outcomes, every final row)."""
+    base = next(c for c in plan.candidates if c.name == "base")
+    if winner.name != "base" and not plan.test_winner:
+        outcomes, rows = final(plan, base, mnist)
+        return base, (f"base stays: {winner.name} won on validation but is not tested against it on "
+                      "the same final seeds (--test-winner false)"), outcomes, rows
     outcomes, rows = final(plan, winner, mnist)
     if winner.name == "base":
         return winner, "base won on validation: its final runs are the champion's", outcomes, rows
-    base = next(c for c in plan.candidates if c.name == "base")
     base_outcomes, base_rows = final(plan, base, mnist)
     name, why = R.test_verdict(winner.name, rows, base.name, base_rows, plan.min_test_gain)
     if name == base.name:
@@ -299,7 +304,7 @@ def log_plan(plan: ConfirmPlan) -> None:
         "confirm.threads": ",".join(map(str, plan.threads)),
         "confirm.final_seeds": len(plan.final_seeds),
         "confirm.final_precisions": ",".join(plan.final_precisions),
-        "confirm.min_test_gain": plan.min_test_gain,
+        "confirm.min_test_gain": plan.min_test_gain, "confirm.test_winner": plan.test_winner,
         "confirm.val_threshold": plan.threshold, "confirm.hold": plan.spec.base.target.hold})
     for c in plan.candidates:
         mlflow.log_text(yaml_of(c.config), f"candidates/{c.name}.yaml")
@@ -386,7 +391,7 @@ def make_plan(args: argparse.Namespace) -> ConfirmPlan:
             raise ConfirmError(str(exc)) from None
     return ConfirmPlan(spec, tuple(candidates), tuple(range(1, args.seeds + 1)), precisions, threads,
                        tuple(range(1, args.final_seeds + 1)), final_precisions, threshold, study_name,
-                       storage, tuple(recorded), args.min_test_gain)
+                       storage, tuple(recorded), args.min_test_gain, args.test_winner)
 
 
 def check_min_test_gain(gain: float) -> None:
@@ -398,7 +403,7 @@ def parser() -> cli.Parser:
     p = cli.parser("python -m tracking.confirm", __doc__)
     add_step_arguments(p, {"top": "3", "seeds": "2", "precisions": "bf16,fp32", "threads": "1,2",
                            "final_seeds": "10", "final_precisions": "bf16,fp32",
-                           "min_test_gain": str(MIN_TEST_GAIN)})
+                           "min_test_gain": str(MIN_TEST_GAIN), "test_winner": "true"})
     cli.add_experiment(p)
     return p
 
@@ -418,6 +423,9 @@ def add_step_arguments(p: argparse.ArgumentParser, defaults: dict[str, str], wha
     cli.add(p, "--min-test-gain", float, 0, unset=float(defaults["min_test_gain"]),
             help=f"{what}mean test hold epochs a winner other than the base must gain over the base on "
                  f"the same final seeds to be the champion (default {defaults['min_test_gain']})")
+    cli.add(p, "--test-winner", bool, unset=defaults["test_winner"] == "true",
+            help=f"{what}false: a trial that wins validation is not tested against the base on test and "
+                 f"the base stays, one final set (default {defaults['test_winner']})")
     for dest, help_text in (("precisions", "screening precisions"), ("threads", "screening torch "
                             "thread counts"), ("final_precisions", "final precisions")):
         p.add_argument("--" + dest.replace("_", "-"), type=lambda text, d=defaults[dest]: text or d,

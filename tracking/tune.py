@@ -100,9 +100,11 @@ def search_step(args: argparse.Namespace, storage: str, study: str, minutes: flo
         "budget_minutes": f"{minutes:.1f}", "hard_budget": "true"}))
 
 
-def confirm_step(args: argparse.Namespace, storage: str, study: str) -> Step:
+def confirm_step(args: argparse.Namespace, storage: str, study: str, test_winner: bool = True) -> Step:
+    """`test_winner` False: the chain has no time for the base's final runs beside a winner's."""
     return Step("confirm", step_argv("tracking.confirm", confirm.parser(), {
-        "config": args.config, "storage": storage, "study_name": study, **given(args, CONFIRM_FLAGS)}))
+        "config": args.config, "storage": storage, "study_name": study, **given(args, CONFIRM_FLAGS),
+        "test_winner": str(test_winner).lower()}))
 
 
 def promote_step(args: argparse.Namespace, confirm_run_id: str) -> Step:
@@ -180,7 +182,7 @@ def run_tune(args: argparse.Namespace, storage: str, study: str,
                            "tune.storage": redact(storage), "tune.model_name": args.model_name,
                            **chain.params()})
         run_step(search_step(args, storage, study, chain.search), parent_id, experiment_id)
-        confirm_id = run_step(confirm_step(args, storage, study), parent_id, experiment_id)
+        confirm_id = run_step(confirm_step(args, storage, study, chain.test_winner), parent_id, experiment_id)
         promote_id = run_step(promote_step(args, confirm_id), parent_id, experiment_id)
         version = MlflowClient().get_model_version_by_alias(args.model_name, promote.ALIAS)
         champion = f"models:/{args.model_name}@{promote.ALIAS}"
@@ -218,7 +220,8 @@ def parser() -> cli.Parser:
     confirm.add_step_arguments(p, {"top": "2", "seeds": "0", "precisions": "fp32",
                                    "threads": "2", "final_seeds": "10",
                                    "final_precisions": "fp32",
-                                   "min_test_gain": str(confirm.MIN_TEST_GAIN)}, what="confirm: ")
+                                   "min_test_gain": str(confirm.MIN_TEST_GAIN), "test_winner": "true"},
+                             what="confirm: ")
     search_cli.add_trial_arguments(p, what="search: ")
     cli.add(p, "--total-minutes", float, 1, unset=TOTAL_MINUTES,
             help=f"the whole chain's time (default {TOTAL_MINUTES:g}): confirm's runs are timed here "

@@ -3,8 +3,9 @@ search gets what is left (at most its own budget) and ends by it (``--hard-budge
 
 Confirm's cost is known before the search: at most `top` + 1 candidates x seeds x precisions x
 threads screening runs on the search's split, then final seeds x final precisions runs on all
-60,000 images, twice when a trial wins (the base trains the same final seeds), each at most the
-search's longest schedule (`SearchSpec.horizon`). An epoch of
+60,000 images, twice when a trial wins (the base trains the same final seeds; when two sets
+would leave the search under MIN_SEARCH_MINUTES, one, and confirm runs with ``--test-winner
+false``), each at most the search's longest schedule (`SearchSpec.horizon`). An epoch of
 each precision and thread count is timed on a slice (mnist_mlflow.timing); the estimate errs
 long (every run at the longest schedule, stretched by MARGIN for a machine that slows down).
 """
@@ -46,12 +47,13 @@ class ChainBudget:
     epochs: int  # per run, at most
     epoch_seconds: dict[str, float]  # "screen fp32 t2" -> seconds an epoch
     probe_batches: int = PROBE_BATCHES  # training batches an epoch of each probe
+    test_winner: bool = True  # False: a trial that wins validation is not tested (confirm --test-winner)
 
     def params(self) -> dict[str, object]:
         return {"tune.total_minutes": self.total, "tune.search_minutes": round(float(self.search), 1),
                 "tune.confirm_estimate_minutes": round(self.confirm, 1),
                 "tune.confirm_runs": self.screen_runs + self.final_runs,
-                "tune.probe_batches": self.probe_batches,
+                "tune.probe_batches": self.probe_batches, "tune.test_winner": self.test_winner,
                 **{f"tune.epoch_s.{k.replace(' ', '_')}": round(v, 2) for k, v in self.epoch_seconds.items()}}
 
     def per_epoch(self) -> str:
@@ -60,7 +62,10 @@ class ChainBudget:
     def line(self) -> str:
         return (f"time: {self.total:g} minutes in all; confirm's {self.screen_runs} + up to {self.final_runs} "
                 f"runs of up to {self.epochs} epochs take about {self.confirm:.0f} (an epoch: {self.per_epoch()}), "
-                f"so the search gets {self.search:.0f}")
+                f"so the search gets {self.search:.0f}"
+                + ("" if self.test_winner else "; a trial that wins validation is not tested against "
+                   "stage 3 on the same final seeds, so stage 3 stays (--test-winner false: two final "
+                   "sets would leave the search too little; more --total-minutes tests it)"))
 
 
 def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
@@ -78,8 +83,7 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
     final_threads = T.TORCH_DEFAULT
 
     seconds: dict[str, float] = {}
-    screen_s = final_seed_s = 0.0  # all screening; one final seed in every final precision, each set
-    sets = FINAL_SETS if args.top else 1  # --top 0: only the base, which trains its finals once
+    screen_s = final_set_s = 0.0  # all screening; one final seed in every final precision
     screen_runs = (args.top + 1) * args.seeds  # per precision and thread count
     for p in precisions if screen_runs else ():  # --seeds 0: the search's runs, nothing to time
         for t in threads:
@@ -91,21 +95,38 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
         s = epoch_seconds(C.replace(base, {"precision": p, "threads": final_threads}), mnist, final_train, test,
                           probe_batches)
         seconds[f"final {p} t{final_threads}"] = s
-        final_seed_s += sets * spec.horizon * s
+        final_set_s += spec.horizon * s
 
-    confirm = MARGIN * (screen_s + args.final_seeds * final_seed_s) / 60
     asked = args.budget_minutes or spec.settings.budget_minutes or math.inf
-    left = args.total_minutes - confirm - OVERHEAD_MINUTES  # a shorter --budget-minutes is the user's choice
+
+    def plan(sets: int) -> tuple[float, float]:
+        """(confirm's minutes, what that leaves the search) with `sets` final sets."""
+        confirm = MARGIN * (screen_s + sets * args.final_seeds * final_set_s) / 60
+        return confirm, args.total_minutes - confirm - OVERHEAD_MINUTES  # a shorter --budget-minutes is the user's choice
+
+    # --top 0 (only the base) or --test-winner false: one set. Two that leave the search too
+    # little: one, and a trial that wins validation is not tested against the base (it stays).
+    sets = FINAL_SETS if args.top and args.test_winner else 1
+    confirm, left = plan(sets)
+    if sets > 1 and left < MIN_SEARCH_MINUTES and plan(1)[1] >= MIN_SEARCH_MINUTES:
+        sets = 1
+        confirm, left = plan(sets)
     search = min(asked, left)
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
                          sets * args.final_seeds * len(final_precisions), spec.horizon, seconds,
-                         probe_batches)
+                         probe_batches, test_winner=bool(args.test_winner) and not (args.top and sets == 1))
     if left < MIN_SEARCH_MINUTES:
         # what confirm may take and still leave the search its minimum; the most final seeds in it
         room = args.total_minutes - OVERHEAD_MINUTES - MIN_SEARCH_MINUTES
-        seeds = math.floor((room * 60 / MARGIN - screen_s) / final_seed_s) if final_seed_s else 0
+
+        def most_seeds(n_sets: int) -> int:
+            return math.floor((room * 60 / MARGIN - screen_s) / (n_sets * final_set_s)) if final_set_s else 0
+
+        seeds, untested = most_seeds(sets), most_seeds(1)
         other = (f", or --final-seeds {seeds} (the most that fit)" if seeds >= 1 else
                  ", or fewer --seeds or --top" if room > 0 else "")
+        if sets > 1 and untested > max(seeds, 0):
+            other += f" ({untested} with --test-winner false)"
         raise ChainTooLong(
             f"--total-minutes={args.total_minutes:g} is not enough here: confirm's runs take about "
             f"{confirm:.0f} minutes on this machine ({budget.per_epoch()} an epoch), which leaves the search {max(left, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "

@@ -4,6 +4,7 @@ x threads, the winner's final runs, recipe.yaml. Tiny real data, temporary store
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import math
@@ -289,6 +290,15 @@ def test_a_trial_that_wins_validation_trains_the_bases_finals_and_only_the_champ
     client.set_tag(pid, "champion", "base")  # had the base stayed: its runs only, and none held
     with pytest.raises(promote.NoCandidate, match=r"\(its champion base\)"):
         promote.promote("confirmed", target=20.0, hold=1, dry_run=True, parent_run_id=pid)
+
+    # no time for two final sets (tune: --test-winner false): the winner is not tested, the base stays
+    pid = confirm.run_confirm(dataclasses.replace(plan, test_winner=False), mnist)
+    parent = client.get_run(pid)
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'")
+    assert sorted((r.data.tags["confirm_role"], r.data.tags["confirm_candidate"]) for r in children) == [
+        ("final", "base"), ("screen", "base"), ("screen", "trial-1")]
+    assert parent.data.tags["winner"] == "trial-1" and parent.data.tags["champion"] == "base"
+    assert "not tested against it on the same final seeds (--test-winner false)" in parent.data.tags["champion_reason"]
 
 
 @pytest.mark.slow  # a search, then confirm's final run

@@ -108,28 +108,29 @@ def test_confirm_is_timed_first_and_the_search_gets_what_is_left(tmp_path, mnist
 
 def test_a_chain_too_long_names_the_final_seeds_that_fit(tmp_path, monkeypatch):
     """The arithmetic of the suggestion, on a fixed clock: a screening epoch (50,000 training
-    images and validation) 6 s, a final one (all 60,000) 12 s."""
+    images and validation) 6 s, a final one (all 60,000) 12 s. Two final sets (a winner's and
+    the base's) that leave the search too little fall back to one, untested winner (the base stays)."""
     monkeypatch.setattr(tune_time, "epoch_seconds", lambda cfg, mnist, train, *_: 12.0 if train == 60_000 else 6.0)
     args = tune.parser().parse_args(["--config", str(write_search(tmp_path, ROTATION)), "--set", QUICK,
                                      "--top", "1", "--seeds", "1", "--threads", "2", "--final-seeds", "10"])
     spec, _, _ = tune.check(args)
-    screen_min, final_min = 2 * spec.horizon * 6 / 60, 2 * spec.horizon * 12 / 60  # 2 runs; one final seed, twice
-    fit = 4  # the total leaves room for 4.5 final seeds besides screening, overhead and the search
+    screen_min, seed_min = 2 * spec.horizon * 6 / 60, spec.horizon * 12 / 60  # 2 runs; one final run
+    fit = 4  # the total leaves room for 4.5 final runs besides screening, overhead and the search
     args.total_minutes = (tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES
-                          + tune_time.MARGIN * (screen_min + (fit + 0.5) * final_min))
-    with pytest.raises(tune_time.ChainTooLong, match=rf"or --final-seeds {fit} \(the most that fit\)$"):
+                          + tune_time.MARGIN * (screen_min + (fit + 0.5) * seed_min))
+    with pytest.raises(tune_time.ChainTooLong,
+                       match=rf"or --final-seeds 2 \(the most that fit\) \({fit} with --test-winner false\)$"):
         tune_time.plan_chain(spec, args, None)
-    args.final_seeds = fit
-    assert tune_time.plan_chain(spec, args, None).search >= tune_time.MIN_SEARCH_MINUTES
+    args.final_seeds = fit  # one set of 4 fits, two do not: the winner goes untested
+    chain = tune_time.plan_chain(spec, args, None)
+    assert chain.search >= tune_time.MIN_SEARCH_MINUTES and chain.final_runs == fit
+    assert not chain.test_winner and "not tested against stage 3" in chain.line()
+    assert tune.confirm_step(args, "s", "t", chain.test_winner).argv[-2:] == ["--test-winner", "false"]
+    args.final_seeds = 2  # two sets of 2 fit: a winner faces the base
+    chain = tune_time.plan_chain(spec, args, None)
+    assert chain.test_winner and chain.final_runs == 4 and "not tested" not in chain.line()
     args.budget_minutes = 5  # a short search asked for is not a chain too long
     assert tune_time.plan_chain(spec, args, None).search == 5
-    args.budget_minutes = None
-    args.total_minutes = tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES + 1  # not even screening
-    with pytest.raises(tune_time.ChainTooLong, match=r"or fewer --seeds or --top$"):
-        tune_time.plan_chain(spec, args, None)
-    args.total_minutes = tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES - 1  # nothing but more time
-    with pytest.raises(tune_time.ChainTooLong, match=r"allow at least \d+$"):
-        tune_time.plan_chain(spec, args, None)
 
 
 @pytest.mark.slow  # the whole command, its data load and both probes
@@ -173,7 +174,7 @@ def test_mlproject_entries_pass_every_parameter_and_empty_means_the_default(entr
     assert {f"--{n.replace('_', '-')}" for n in params} <= flags
     if entry == "confirm":
         assert set(params) == {"config", "storage", "study_name", "top", "seeds", "precisions", "threads",
-                               "final_seeds", "final_precisions", "min_test_gain", "epochs", "train_limit",
+                               "final_seeds", "final_precisions", "min_test_gain", "test_winner", "epochs", "train_limit",
                                "test_limit", "set"}
     else:
         assert {"n_trials", "top", "final_seeds", "model_name", "target", "hold"} <= set(params)
