@@ -18,7 +18,8 @@ its own child run, created here and handed to the step's process through ``MLFLO
 
 Time: the chain fits ``--total-minutes`` (150): before anything starts, confirm's runs are timed
 on this machine (tracking/tune_time.py) and the search gets what they leave, at most its own
-budget, ending its running trials at that budget (``--hard-budget``).
+budget, ending its running trials at that budget (``--hard-budget``). Where a winner's final
+runs and the base's would leave the search too little, confirm gets ``--test-winner false``.
 
 The parent records each step's run id (tags ``step.<name>.run_id``), the study and storage, and
 the promoted version. A step that fails ends the chain: its run and the parent are FAILED, later
