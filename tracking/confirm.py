@@ -19,7 +19,8 @@ All as nested MLflow runs under one parent run:
    must also beat it on test: the base trains the same final seeds, and the winner becomes the
    champion only if it held in every final run with a mean hold epoch at least
    ``--min-test-gain`` (1) epochs earlier; otherwise the base is the champion (tag
-   ``champion``; tracking.promote registers only the champion's runs). The parent logs the
+   ``champion``; tracking.promote registers only the champion's runs). ``--test-winner false``
+   (tune's, when two final sets do not fit its time): only the base's final runs, the base stays. The parent logs the
    champion's consistency summary and per-seed curves, every final run's row, and recipe.yaml:
    ``extends: stage3.yaml`` plus only the keys that differ from experiments/stage3.yaml.
 
@@ -253,8 +254,8 @@ def final(plan: ConfirmPlan, cand: ScreenedRecipe,
 
 def champion_on_test(plan: ConfirmPlan, winner: ScreenedRecipe, mnist: Mnist
                      ) -> tuple[ScreenedRecipe, str, list[runs.RunOutcome], list[dict]]:
-    """The winner's final runs and, when it is not the base, the base's on the same seeds:
-    (champion, why, the champion's outcomes, every final row)."""
+    """The winner's final runs and, when it is not the base, the base's on the same seeds (with
+    ``test_winner`` False, the base's only): (champion, why, the champion's outcomes, every final row)."""
     base = next(c for c in plan.candidates if c.name == "base")
     if winner.name != "base" and not plan.test_winner:
         outcomes, rows = final(plan, base, mnist)

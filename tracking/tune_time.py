@@ -48,6 +48,7 @@ class ChainBudget:
     epoch_seconds: dict[str, float]  # "screen fp32 t2" -> seconds an epoch
     probe_batches: int = PROBE_BATCHES  # training batches an epoch of each probe
     test_winner: bool = True  # False: a trial that wins validation is not tested (confirm --test-winner)
+    untested_why: str = ""  # why not, for the first line: asked, or two final sets did not fit
 
     def params(self) -> dict[str, object]:
         return {"tune.total_minutes": self.total, "tune.search_minutes": round(float(self.search), 1),
@@ -63,15 +64,14 @@ class ChainBudget:
         return (f"time: {self.total:g} minutes in all; confirm's {self.screen_runs} + up to {self.final_runs} "
                 f"runs of up to {self.epochs} epochs take about {self.confirm:.0f} (an epoch: {self.per_epoch()}), "
                 f"so the search gets {self.search:.0f}"
-                + ("" if self.test_winner else "; a trial that wins validation is not tested against "
-                   "stage 3 on the same final seeds, so stage 3 stays (--test-winner false: two final "
-                   "sets would leave the search too little; more --total-minutes tests it)"))
+                + (f"; a trial that wins validation is not tested against stage 3 on the same final "
+                   f"seeds, so stage 3 stays ({self.untested_why})" if self.untested_why else ""))
 
 
 def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
                probe_batches: int = PROBE_BATCHES) -> ChainBudget:
     """`spec`: the search file with tune's overrides; `args`: tune's (total_minutes,
-    budget_minutes, top, seeds, precisions, threads, final_seeds, final_precisions)."""
+    budget_minutes, top, seeds, precisions, threads, final_seeds, final_precisions, test_winner)."""
     base, d = spec.base, spec.base.data
     screen_train = min(d.train_limit or math.inf, TRAIN_IMAGES - d.val_size)
     final_train = min(d.train_limit or math.inf, TRAIN_IMAGES)
@@ -112,9 +112,12 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
         sets = 1
         confirm, left = plan(sets)
     search = min(asked, left)
+    untested = ("" if not args.top else "--test-winner false" if not args.test_winner else
+                "two final sets would leave the search too little; more --total-minutes tests it"
+                if sets == 1 else "")
     budget = ChainBudget(args.total_minutes, search, confirm, screen_runs * len(precisions) * len(threads),
                          sets * args.final_seeds * len(final_precisions), spec.horizon, seconds,
-                         probe_batches, test_winner=bool(args.test_winner) and not (args.top and sets == 1))
+                         probe_batches, test_winner=not untested, untested_why=untested)
     if left < MIN_SEARCH_MINUTES:
         # what confirm may take and still leave the search its minimum; the most final seeds in it
         room = args.total_minutes - OVERHEAD_MINUTES - MIN_SEARCH_MINUTES
@@ -122,11 +125,14 @@ def plan_chain(spec: SearchSpec, args: argparse.Namespace, mnist: Mnist,
         def most_seeds(n_sets: int) -> int:
             return math.floor((room * 60 / MARGIN - screen_s) / (n_sets * final_set_s)) if final_set_s else 0
 
-        seeds, untested = most_seeds(sets), most_seeds(1)
-        other = (f", or --final-seeds {seeds} (the most that fit)" if seeds >= 1 else
-                 ", or fewer --seeds or --top" if room > 0 else "")
-        if sets > 1 and untested > max(seeds, 0):
-            other += f" ({untested} with --test-winner false)"
+        seeds, one_set = most_seeds(sets), most_seeds(1)
+        if seeds >= 1:
+            other = f", or --final-seeds {seeds} (the most that fit)" + (
+                f" ({one_set} if a winner may go untested)" if one_set > seeds else "")
+        elif one_set >= 1:
+            other = f", or --final-seeds {one_set} (the most that fit; a winner then goes untested)"
+        else:
+            other = ", or fewer --seeds or --top" if room > 0 else ""
         raise ChainTooLong(
             f"--total-minutes={args.total_minutes:g} is not enough here: confirm's runs take about "
             f"{confirm:.0f} minutes on this machine ({budget.per_epoch()} an epoch), which leaves the search {max(left, 0):.0f} of the {MIN_SEARCH_MINUTES:g} it needs; "

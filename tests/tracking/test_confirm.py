@@ -187,6 +187,17 @@ def test_bad_input_exits_2_before_any_run(tmp_path, tracking_uri, capsys, extra,
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
+def test_the_plan_carries_the_test_verdicts_flags(tmp_path):
+    storage = f"journal:{tmp_path}/optuna.log"
+    optuna.create_study(study_name="test-study", storage=open_storage(storage))
+    config = write_search(tmp_path, ROTATION)
+    plan = confirm.make_plan(confirm.parser().parse_args(argv(config, storage)))
+    assert (plan.test_winner, plan.min_test_gain) == (True, confirm.MIN_TEST_GAIN)
+    plan = confirm.make_plan(confirm.parser().parse_args(
+        argv(config, storage, "--test-winner", "false", "--min-test-gain", "0.5")))
+    assert (plan.test_winner, plan.min_test_gain) == (False, 0.5)
+
+
 @pytest.mark.slow  # an end-to-end chain of several trainings: the whole suite runs it
 def test_screens_on_validation_picks_the_winner_and_confirms_it(study, tmp_path, capsys):
     config, storage, result = study
@@ -251,7 +262,7 @@ def test_screens_on_validation_picks_the_winner_and_confirms_it(study, tmp_path,
     assert f"mlflow artifacts download -r {pid} -a recipe.yaml -d ." in out
 
 
-@pytest.mark.slow  # six 1-epoch trainings
+@pytest.mark.slow  # nine 1-epoch trainings
 def test_a_trial_that_wins_validation_trains_the_bases_finals_and_only_the_champion_is_promoted(
         tmp_path, mnist, tracking_uri, capsys):
     """The base here cannot learn (peak learning rate 1e-9): the trial wins screening, the base

@@ -119,18 +119,38 @@ def test_a_chain_too_long_names_the_final_seeds_that_fit(tmp_path, monkeypatch):
     args.total_minutes = (tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES
                           + tune_time.MARGIN * (screen_min + (fit + 0.5) * seed_min))
     with pytest.raises(tune_time.ChainTooLong,
-                       match=rf"or --final-seeds 2 \(the most that fit\) \({fit} with --test-winner false\)$"):
+                       match=rf"or --final-seeds 2 \(the most that fit\) \({fit} if a winner may go untested\)$"):
         tune_time.plan_chain(spec, args, None)
     args.final_seeds = fit  # one set of 4 fits, two do not: the winner goes untested
     chain = tune_time.plan_chain(spec, args, None)
     assert chain.search >= tune_time.MIN_SEARCH_MINUTES and chain.final_runs == fit
     assert not chain.test_winner and "not tested against stage 3" in chain.line()
+    assert "two final sets would leave the search too little" in chain.line()
     assert tune.confirm_step(args, "s", "t", chain.test_winner).argv[-2:] == ["--test-winner", "false"]
     args.final_seeds = 2  # two sets of 2 fit: a winner faces the base
     chain = tune_time.plan_chain(spec, args, None)
     assert chain.test_winner and chain.final_runs == 4 and "not tested" not in chain.line()
+    args.test_winner = False  # asked for: one set, said so
+    chain = tune_time.plan_chain(spec, args, None)
+    assert chain.final_runs == 2 and chain.line().endswith("so stage 3 stays (--test-winner false)")
+    args.test_winner, args.top = True, 0  # only the base: one set, and no winner to test
+    chain = tune_time.plan_chain(spec, args, None)
+    assert chain.final_runs == 2 and chain.test_winner and "not tested" not in chain.line()
+    args.top, args.final_seeds = 1, 10
+    args.total_minutes = (tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES
+                          + tune_time.MARGIN * (screen_min + 1.5 * seed_min))  # one run fits, two do not
+    with pytest.raises(tune_time.ChainTooLong, match=r"or --final-seeds 1 \(the most that fit; a winner then goes untested\)$"):
+        tune_time.plan_chain(spec, args, None)
+    args.total_minutes, args.final_seeds = 40, fit
     args.budget_minutes = 5  # a short search asked for is not a chain too long
     assert tune_time.plan_chain(spec, args, None).search == 5
+    args.budget_minutes = None
+    args.total_minutes = tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES + 1  # not even screening
+    with pytest.raises(tune_time.ChainTooLong, match=r"or fewer --seeds or --top$"):
+        tune_time.plan_chain(spec, args, None)
+    args.total_minutes = tune_time.OVERHEAD_MINUTES + tune_time.MIN_SEARCH_MINUTES - 1  # nothing but more time
+    with pytest.raises(tune_time.ChainTooLong, match=r"allow at least \d+$"):
+        tune_time.plan_chain(spec, args, None)
 
 
 @pytest.mark.slow  # the whole command, its data load and both probes
@@ -172,6 +192,7 @@ def test_mlproject_entries_pass_every_parameter_and_empty_means_the_default(entr
         assert hasattr(args, name if name != "set" else "overrides"), name
     flags = {a.split("=")[0] for a in argv if a.startswith("--")}
     assert {f"--{n.replace('_', '-')}" for n in params} <= flags
+    assert args.test_winner is True and args.min_test_gain == 1.0  # '' is the default
     if entry == "confirm":
         assert set(params) == {"config", "storage", "study_name", "top", "seeds", "precisions", "threads",
                                "final_seeds", "final_precisions", "min_test_gain", "test_winner", "epochs", "train_limit",
