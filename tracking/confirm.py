@@ -20,9 +20,10 @@ All as nested MLflow runs under one parent run:
    champion only if it held in every final run with a mean hold epoch at least
    ``--min-test-gain`` (1) epochs earlier; otherwise the base is the champion (tag
    ``champion``; tracking.promote registers only the champion's runs). ``--test-winner false``
-   (tune's, when two final sets do not fit its time): only the base's final runs, the base stays. The parent logs the
-   champion's consistency summary and per-seed curves, every final run's row, and recipe.yaml:
-   ``extends: stage3.yaml`` plus only the keys that differ from experiments/stage3.yaml.
+   (tune's, when two final sets do not fit its time): only the base's final runs, the base
+   stays. The parent logs the champion's consistency summary and per-seed curves, every final
+   run's row, and recipe.yaml: ``extends: stage3.yaml`` plus only the keys that differ from
+   experiments/stage3.yaml.
 
 Exit codes: 0 done; 2 bad input (nothing created); 130 or 143 interrupted by Ctrl-C or
 SIGTERM (runs ended KILLED).
@@ -457,7 +458,8 @@ def command(argv: list[str] | None) -> int:
     print(f"candidates: {', '.join(c.name for c in plan.candidates)}; screening "
           f"{len(plan.candidates) * len(plan.seeds) * len(plan.precisions) * len(plan.threads)} runs "
           f"on validation (threshold {plan.threshold:g}%), then {len(plan.final_seeds) * len(plan.final_precisions)} "
-          "final runs (twice that if a trial wins: the base's on the same seeds)", flush=True)
+          "final runs" + (" (twice that if a trial wins: the base's on the same seeds)" if plan.test_winner else ""),
+          flush=True)
     try:
         run_id = run_confirm(plan, mnist)
     except KeyboardInterrupt as exc:

@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure", default=None, help="also draw the test-accuracy curves into this PNG")
     one = p.add_mutually_exclusive_group()
     one.add_argument("--tune", default=None, metavar="RUN_ID",
-                   help="instead: one tune chain's steps, trials, screening and final seeds ('latest': "
-                        "the newest tune run, in --experiment or any experiment)")
+                     help="instead: one tune chain's steps, trials, screening and final seeds ('latest': "
+                          "the newest tune run, in --experiment or any experiment)")
     one.add_argument("--confirm", default=None, metavar="RUN_ID",
-                   help="instead: one confirm run's screening, final seeds and champion ('latest': "
-                        "the newest confirm run)")
+                     help="instead: one confirm run's screening, final seeds and champion ('latest': "
+                          "the newest confirm run)")
     try:
         args = p.parse_args(argv)
         if args.figure:
